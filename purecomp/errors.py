@@ -1,0 +1,42 @@
+"""Exception types. Each names what was wrong and what was expected."""
+
+from __future__ import annotations
+
+
+class PurecompError(Exception):
+    """Base class of every error purecomp raises on purpose."""
+
+
+class ConfigError(PurecompError, ValueError):
+    """A configuration value is wrong; ``path`` is its JSON path (e.g. ``compression[0].bits``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class ScopeError(ConfigError):
+    """An ``ignored_scopes`` / ``target_scopes`` entry matches no site of the model."""
+
+
+class InputInfoError(ConfigError):
+    """``input_info`` does not describe inputs the model accepts."""
+
+
+class QuantizerRangeError(PurecompError, ValueError):
+    """A quantizer cannot be built with the requested bits, range or axis."""
+
+
+class UnknownOpError(PurecompError, KeyError):
+    """An op or site name that the model graph does not contain."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class StateError(PurecompError, ValueError):
+    """A compression state does not fit the method, model or graph it is used with."""
+
+
+class CalibrationError(PurecompError, ValueError):
+    """Calibration data is missing, empty, or not in a form the model accepts."""

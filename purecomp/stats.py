@@ -1,0 +1,78 @@
+"""``purecomp.statistics``: a printable table of the quantizers (and later, masks) in a state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .struct import tree_flatten
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """Rows of equal keys; ``str(table)`` is an aligned text table."""
+
+    title: str
+    rows: tuple[dict[str, Any], ...]
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return f"{self.title}: (empty)"
+        cols = list(self.rows[0])
+        cells = [[_fmt(row.get(c)) for c in cols] for row in self.rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+        body = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+        return "\n".join([self.title, line, "-" * len(line), *body])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _quantizer_rows(state: Any) -> list[dict[str, Any]]:
+    rows = []
+    families = (("weight", state.weights), ("activation", state.activations))
+    for kind, table in families:
+        for key, q in table.items():
+            low, high = q.float_range()
+            rows.append({
+                "quantizer": key,
+                "kind": kind,
+                "bits": q.bits,
+                "mode": q.mode,
+                "per_channel": q.axis is not None,
+                "signed": q.signed,
+                "low": float(low.min()),
+                "high": float(high.max()),
+                "feeds": ", ".join(state.consumers_of(key)) if kind == "activation" else "",
+            })
+    return rows
+
+
+def _states(state: Any, cls: type) -> list[Any]:
+    """Every instance of ``cls`` in a (possibly chained) state tree."""
+    if isinstance(state, cls):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [s for item in state for s in _states(item, cls)]
+    return []
+
+
+def statistics(graph: Any, state: Any) -> Table:
+    """A table of every quantizer: key, weight/activation, bits, mode, per-channel, signedness, range."""
+    from purecomp.transforms.quantize import QuantizationState
+
+    rows = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
+    return Table("quantizers", tuple(rows))
+
+
+def trainable(state: Any) -> list[Any]:
+    """The leaves of a state that carry ``requires_grad`` (give them to the optimizer)."""
+    leaves, _ = tree_flatten(state)
+    return [leaf for leaf in leaves if getattr(leaf, "requires_grad", False)]

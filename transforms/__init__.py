@@ -1,0 +1,1 @@
+"""purecomp.transforms: compression methods."""

@@ -1,0 +1,211 @@
+"""``quantization(...)``: quantization-aware training as a ``Compression`` value."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from purecomp.apply import call_with_sites
+from purecomp.compression import Compression, Progress, _compose_sites
+from purecomp.data import take_samples
+from purecomp.errors import ConfigError, QuantizerRangeError
+from purecomp.graph import ModelGraph
+from purecomp.ops.levels import check_bits
+from purecomp.struct import static_field, struct
+
+from .placement import ActivationTarget, WeightTarget, activation_targets, select_sites, weight_targets
+from .quantizer import Quantizer, make_quantizer
+from .range_init import RangeInit, TensorStatistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSettings:
+    """Settings of one family of quantizers (NNCF's ``weights`` / ``activations`` keys).
+
+    ``signed=None`` chooses signedness from calibration (activations); ``narrow_range=None``
+    means on for symmetric weights, off otherwise.
+    """
+
+    mode: str = "symmetric"
+    bits: int = 8
+    signed: bool | None = None
+    per_channel: bool = False
+    narrow_range: bool | None = None
+
+    @classmethod
+    def of(cls, value: QuantizerSettings | Mapping[str, Any] | None, path: str) -> QuantizerSettings:
+        if value is None:
+            return cls()
+        if isinstance(value, QuantizerSettings):
+            return value
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in value:
+            if key not in known:
+                raise ConfigError(f"{path}.{key}", f"unknown key; expected one of {sorted(known)}")
+        settings = cls(**dict(value))
+        if settings.mode not in ("symmetric", "asymmetric"):
+            raise ConfigError(f"{path}.mode", f"expected 'symmetric' or 'asymmetric', got {settings.mode!r}")
+        try:
+            check_bits(settings.bits)
+        except QuantizerRangeError as exc:
+            raise ConfigError(f"{path}.bits", str(exc)) from None
+        return settings
+
+
+@struct
+class QuantizationState:
+    """Weight quantizers by parameter name, activation quantizers by tensor key."""
+
+    weights: dict[str, Quantizer]
+    activations: dict[str, Quantizer]
+    consumers: tuple[tuple[str, tuple[str, ...]], ...] = static_field(default=())
+
+    def consumers_of(self, key: str) -> tuple[str, ...]:
+        return dict(self.consumers).get(key, ())
+
+
+def _weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerSettings, bits: int) -> Quantizer:
+    axis = target.axis if settings.per_channel else None
+    w = weight.detach()
+    if axis is None:
+        low, high = w.min(), w.max()
+    else:
+        dims = [d for d in range(w.dim()) if d != axis % w.dim()]
+        low, high = w.amin(dim=dims), w.amax(dim=dims)
+    narrow = settings.narrow_range if settings.narrow_range is not None else settings.mode == "symmetric"
+    return make_quantizer(settings.mode, low, high, bits=bits, signed=True, narrow_range=narrow, axis=axis)
+
+
+def _collect_statistics(
+    graph: ModelGraph, params: Mapping[str, Tensor], keys: Sequence[str], data: Iterable[Any], init: RangeInit
+) -> dict[str, TensorStatistics]:
+    stats = {key: TensorStatistics() for key in keys}
+
+    def observer(key: str):
+        def observe(x: Tensor) -> Tensor:
+            stats[key].observe(x)
+            return x
+
+        return observe
+
+    observers = {key: observer(key) for key in keys}
+    prior_sites: dict = {}
+    if graph.prior is not None:
+        params = graph.prior.method.params(params, graph.prior.state)
+        prior_sites = graph.prior.method.sites(graph.prior.state)
+    sites = _compose_sites([prior_sites, observers])
+    model = graph.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for args, kwargs in take_samples(data, init.num_init_samples, "range init"):
+                call_with_sites(model, params, sites, args, kwargs)
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def quantization(
+    weights: QuantizerSettings | Mapping[str, Any] | None = None,
+    activations: QuantizerSettings | Mapping[str, Any] | None = None,
+    *,
+    ignored_scopes: Sequence[str] = (),
+    target_scopes: Sequence[str] | None = None,
+    range_init: RangeInit | None = None,
+    quantize_inputs: bool = True,
+    quantize_outputs: bool = False,
+    precision: Mapping[str, int] | None = None,
+    origin: str = "",
+) -> Compression:
+    """Quantization-aware training: fake-quantize weights (weight transform) and activations (sites).
+
+    ``precision`` maps quantizer keys (a weight's parameter name, an activation's tensor key)
+    to bits, overriding ``bits`` (a mixed-precision plan). ``origin`` prefixes the JSON path in
+    error messages (``compression[1].`` when built from a config).
+    """
+    w_settings = QuantizerSettings.of(weights, f"{origin}weights")
+    a_settings = QuantizerSettings.of(activations, f"{origin}activations")
+    if a_settings.per_channel:
+        raise ConfigError(f"{origin}activations.per_channel", "per-channel activation quantizers are not supported; expected false")
+    init_cfg = range_init or RangeInit()
+    plan = dict(precision or {})
+    for key, bits in plan.items():
+        try:
+            check_bits(bits)
+        except QuantizerRangeError as exc:
+            raise ConfigError(f"{origin}precision[{key!r}]", str(exc)) from None
+
+    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> QuantizationState:
+        allowed = select_sites(graph, ignored_scopes, target_scopes, origin)
+        w_targets = weight_targets(graph, allowed)
+        a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
+        known = {t.param for t in w_targets} | {t.key for t in a_targets}
+        for key in plan:
+            if key not in known:
+                raise ConfigError(f"{origin}precision", f"{key!r} is not a quantizer of this model; expected one of {sorted(known)[:8]}...")
+        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
+        w_quant = {
+            t.param: _weight_quantizer(t, source[t.param], w_settings, plan.get(t.param, w_settings.bits))
+            for t in w_targets
+        }
+        a_quant = _activation_quantizers(graph, params, a_targets, a_settings, plan, init_cfg, data)
+        consumers = tuple((t.key, t.consumers) for t in a_targets)
+        return QuantizationState(weights=w_quant, activations=a_quant, consumers=consumers)
+
+    def params_fn(params: Mapping[str, Tensor], state: QuantizationState) -> dict[str, Tensor]:
+        out = dict(params)
+        for name, quantizer in state.weights.items():
+            out[name] = quantizer(out[name])
+        return out
+
+    def sites(state: QuantizationState) -> dict[str, Any]:
+        return dict(state.activations)
+
+    def loss(params: Mapping[str, Tensor], state: QuantizationState) -> Tensor:
+        return torch.zeros(())
+
+    def step(state: QuantizationState, progress: Progress) -> QuantizationState:
+        return state
+
+    return Compression(init, params_fn, sites, loss, step, name="quantization")
+
+
+def _activation_quantizers(
+    graph: ModelGraph,
+    params: Mapping[str, Tensor],
+    targets: list[ActivationTarget],
+    settings: QuantizerSettings,
+    plan: Mapping[str, int],
+    init_cfg: RangeInit,
+    data: Iterable[Any] | None,
+) -> dict[str, Quantizer]:
+    if not targets:
+        return {}
+    narrow = bool(settings.narrow_range)
+    if init_cfg.num_init_samples == 0:
+        log.info("range init skipped (num_init_samples=0): activation quantizers start at [-1, 1]")
+        one = torch.ones(())
+        return {
+            t.key: make_quantizer(settings.mode, -one if settings.signed is not False else 0 * one, one,
+                                  bits=plan.get(t.key, settings.bits), signed=settings.signed,
+                                  narrow_range=narrow, axis=None)
+            for t in targets
+        }
+    stats = _collect_statistics(graph, params, [t.key for t in targets], data, init_cfg)
+    out = {}
+    for t in targets:
+        low, high = stats[t.key].range(init_cfg)
+        signed = settings.signed if settings.signed is not None else stats[t.key].saw_negative
+        out[t.key] = make_quantizer(
+            settings.mode, low, high, bits=plan.get(t.key, settings.bits), signed=signed,
+            narrow_range=narrow, axis=None,
+        )
+    return out

@@ -1,0 +1,197 @@
+"""Where quantizers go, computed on a recorded ``ModelGraph``.
+
+Weights: one quantizer per weight parameter of a conv, conv-transpose, linear or matmul.
+Activations: the tensor inputs of quantizable ops, moved upstream through
+quantization-agnostic ops (reshape, max pool, dropout...) to the tensor that produced
+them; one quantizer per such tensor, shared by all its consumers. Because only quantizable
+ops ask for quantized inputs, and batch norm / activations that follow a conv or linear are
+not quantizable, no quantizer lands inside conv/linear -> batch norm -> activation: it sits
+after the last op of that pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+from purecomp.errors import ScopeError
+from purecomp.graph import ModelGraph, OpNode, TensorRef
+
+CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d"})
+CONV_TRANSPOSE_OPS = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+LINEAR_OPS = frozenset({"linear"})
+MATMUL_OPS = frozenset({"matmul", "bmm", "mm", "addmm", "baddbmm"})
+WEIGHTED_OPS = CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS | MATMUL_OPS
+NORM_OPS = frozenset({"batch_norm", "layer_norm"})
+QUANTIZABLE_OPS = WEIGHTED_OPS | NORM_OPS | frozenset(
+    {"add", "mul", "cat", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean"}
+)
+AGNOSTIC_OPS = frozenset(
+    {"reshape", "view", "flatten", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze",
+     "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+     "adaptive_max_pool3d", "dropout", "dropout1d", "dropout2d", "dropout3d", "pad", "expand",
+     "clone", "identity", "getitem", "chunk", "split"}
+)
+# a norm directly after one of these is folded into it by runtimes: its input is not quantized
+NORM_FUSING_PRODUCERS = CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightTarget:
+    """A weight parameter to quantize: its name, per-channel axis and the ops that read it."""
+
+    param: str
+    axis: int
+    readers: tuple[str, ...]
+    op: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationTarget:
+    """A tensor to quantize (key ``input:<name>`` or ``<site>:out<j>``) and the ops it feeds."""
+
+    key: str
+    ref: TensorRef
+    consumers: tuple[str, ...]
+
+
+def weight_axis(node: OpNode, position: int) -> int:
+    """Output-channel axis of the weight read at input ``position`` of ``node``."""
+    if node.op in CONV_TRANSPOSE_OPS:
+        return 1
+    if node.op in CONV_OPS | LINEAR_OPS:
+        return 0
+    # matmul-like: out = a @ b; the output channels of b are its last axis, of a its second-to-last
+    rank = len(node.input_info[position].shape)
+    return rank - 1 if position == len(node.inputs) - 1 else max(rank - 2, 0)
+
+
+def _weight_position(node: OpNode) -> int | None:
+    if node.op in CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS:
+        ok = len(node.inputs) > 1 and node.inputs[1].kind == "param"
+        return 1 if ok else None
+    for k, ref in enumerate(node.inputs):
+        if ref.kind == "param" and node.input_info[k].is_float:
+            return k
+    return None
+
+
+def activation_positions(graph: ModelGraph, node: OpNode) -> list[int]:
+    """Positions of the activation (non-parameter, floating) inputs of ``node`` to quantize."""
+    if node.op not in QUANTIZABLE_OPS:
+        return []
+    if node.op in NORM_OPS:
+        producer = graph.producer(node.inputs[0]) if node.inputs else None
+        if producer is not None and producer.op in NORM_FUSING_PRODUCERS:
+            return []
+        candidates = [0]
+    elif node.op in CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS:
+        candidates = [0]
+    else:
+        candidates = list(range(len(node.inputs)))
+    return [
+        k for k in candidates
+        if k < len(node.inputs)
+        and node.inputs[k].kind in ("node", "input")
+        and node.input_info[k].is_float
+    ]
+
+
+def source_of(graph: ModelGraph, ref: TensorRef) -> TensorRef:
+    """Walk ``ref`` upstream through quantization-agnostic ops to the tensor that needs the quantizer."""
+    while ref.kind == "node":
+        producer = graph.producer(ref)
+        if producer is None or producer.op not in AGNOSTIC_OPS or not producer.inputs:
+            break
+        upstream = producer.inputs[0]
+        if upstream.kind not in ("node", "input"):
+            break
+        ref = upstream
+    return ref
+
+
+# ---------------------------------------------------------------- scope matching
+
+
+def scope_matches(pattern: str, node: OpNode) -> bool:
+    """``{re}<regex>`` full-matches the site name; a plain string equals the site, its module
+    scope, or a module scope above it (``layer1`` covers ``layer1.0.conv1/conv2d#0``)."""
+    if pattern.startswith("{re}"):
+        return re.fullmatch(pattern[4:], node.site) is not None
+    return pattern in (node.site, node.scope) or node.scope.startswith(pattern + ".")
+
+
+def select_sites(
+    graph: ModelGraph, ignored: Sequence[str], targets: Sequence[str] | None, origin: str
+) -> frozenset[str]:
+    """Sites left compressible by ``ignored_scopes`` / ``target_scopes``; each pattern must match a site."""
+    for key, patterns in (("ignored_scopes", ignored), ("target_scopes", targets or ())):
+        for i, pattern in enumerate(patterns):
+            try:
+                matched = any(scope_matches(pattern, node) for node in graph)
+            except re.error as exc:
+                raise ScopeError(f"{origin}{key}[{i}]", f"invalid regular expression {pattern!r}: {exc}") from None
+            if not matched:
+                raise ScopeError(
+                    f"{origin}{key}[{i}]",
+                    f"{pattern!r} matches no site of the model; expected a site name such as "
+                    f"{graph.nodes[0].site!r}, a module scope, or '{{re}}<regex>'",
+                )
+    chosen = set()
+    for node in graph:
+        if targets is not None and not any(scope_matches(p, node) for p in targets):
+            continue
+        if any(scope_matches(p, node) for p in ignored):
+            continue
+        chosen.add(node.site)
+    return frozenset(chosen)
+
+
+# ---------------------------------------------------------------- placement
+
+
+def weight_targets(graph: ModelGraph, allowed: Iterable[str]) -> list[WeightTarget]:
+    allowed = set(allowed)
+    found: dict[str, WeightTarget] = {}
+    for node in graph:
+        if node.op not in WEIGHTED_OPS:
+            continue
+        k = _weight_position(node)
+        if k is None:
+            continue
+        name = node.inputs[k].name
+        if name in found:
+            prev = found[name]
+            found[name] = dataclasses.replace(prev, readers=prev.readers + (node.site,))
+        else:
+            found[name] = WeightTarget(name, weight_axis(node, k), (node.site,), node.op)
+    return [t for t in found.values() if any(r in allowed for r in t.readers)]
+
+
+def activation_targets(
+    graph: ModelGraph, allowed: Iterable[str], *, quantize_inputs: bool, quantize_outputs: bool
+) -> list[ActivationTarget]:
+    allowed = set(allowed)
+    consumers: dict[TensorRef, list[str]] = {}
+    for node in graph:
+        if node.site not in allowed:
+            continue
+        for k in activation_positions(graph, node):
+            src = source_of(graph, node.inputs[k])
+            sites = consumers.setdefault(src, [])
+            if node.site not in sites:
+                sites.append(node.site)
+    if quantize_outputs:
+        for ref in graph.outputs:
+            if ref.kind == "node" and graph.node(ref.name).outputs[ref.index].is_float:
+                consumers.setdefault(ref, []).append("output")
+    targets = [
+        ActivationTarget(ref.key, ref, tuple(sites))
+        for ref, sites in consumers.items()
+        if quantize_inputs or ref.kind != "input"
+    ]
+    order = {node.site: i for i, node in enumerate(graph)}
+    targets.sort(key=lambda t: order.get(t.ref.name, -1) if t.ref.kind == "node" else -1)
+    return targets

@@ -1,0 +1,113 @@
+"""Quantizer state structs: trainable range parameters as leaves, bits and mode as metadata."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from purecomp.errors import QuantizerRangeError
+from purecomp.ops import (
+    adjust_asymmetric_range,
+    asymmetric_levels,
+    fake_quantize_asymmetric,
+    fake_quantize_symmetric,
+    symmetric_levels,
+)
+from purecomp.ops.reference import EPS
+from purecomp.struct import static_field, struct
+
+MIN_RANGE = 1e-6  # a calibrated range below this is widened to it (an all-zero tensor still gets a valid quantizer)
+
+
+@struct
+class SymmetricQuantizer:
+    """``out = s/qh * round(clamp(x qh / s, ql, qh))`` with trainable ``scale`` (MATH.md, Symmetric)."""
+
+    scale: Tensor
+    bits: int = static_field()
+    signed: bool = static_field()
+    narrow_range: bool = static_field()
+    axis: int | None = static_field(default=None)
+
+    mode = "symmetric"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return fake_quantize_symmetric(
+            x, self.scale, bits=self.bits, signed=self.signed, narrow_range=self.narrow_range, axis=self.axis
+        )
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        return symmetric_levels(self.bits, self.signed, self.narrow_range)
+
+    def float_range(self) -> tuple[Tensor, Tensor]:
+        """``(low, high) = (s ql / qh, s)``."""
+        ql, qh = self.levels
+        s = self.scale.detach().abs() + EPS
+        return s * ql / qh, s
+
+
+@struct
+class AsymmetricQuantizer:
+    """Trainable ``input_low`` and ``input_range``, zero exactly representable (MATH.md, Asymmetric)."""
+
+    input_low: Tensor
+    input_range: Tensor
+    bits: int = static_field()
+    axis: int | None = static_field(default=None)
+
+    mode = "asymmetric"
+    signed = False
+    narrow_range = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return fake_quantize_asymmetric(x, self.input_low, self.input_range, bits=self.bits, axis=self.axis)
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        return asymmetric_levels(self.bits)
+
+    def float_range(self) -> tuple[Tensor, Tensor]:
+        """The adjusted ``(low, high)`` actually used."""
+        _, n = self.levels
+        low, rng = adjust_asymmetric_range(
+            self.input_low.detach(), self.input_range.detach().abs() + EPS, n
+        )
+        return low, low + rng
+
+
+Quantizer = SymmetricQuantizer | AsymmetricQuantizer
+
+
+def _param(value: Tensor, trainable: bool) -> Tensor:
+    return value.detach().clone().float().requires_grad_(trainable)
+
+
+def make_quantizer(
+    mode: str,
+    low: Tensor,
+    high: Tensor,
+    *,
+    bits: int,
+    signed: bool | None,
+    narrow_range: bool,
+    axis: int | None,
+    trainable: bool = True,
+) -> Quantizer:
+    """Build a quantizer covering ``[low, high]`` (per channel when ``axis`` is set).
+
+    Symmetric: ``signed`` defaults to ``low < 0`` (any channel); ``scale = max(|low|, |high|)``
+    when signed, ``high`` when not. Asymmetric: ``input_low = low``, ``input_range = high - low``.
+    Ranges narrower than ``MIN_RANGE`` are widened to it.
+    """
+    low = low.detach().float()
+    high = high.detach().float()
+    if mode == "symmetric":
+        is_signed = bool((low < 0).any()) if signed is None else signed
+        scale = torch.maximum(low.abs(), high.abs()) if is_signed else high.clamp(min=0)
+        scale = scale.clamp(min=MIN_RANGE)
+        return SymmetricQuantizer(_param(scale, trainable), bits, is_signed, narrow_range, axis)
+    if mode == "asymmetric":
+        rng = (high - low).clamp(min=MIN_RANGE)
+        return AsymmetricQuantizer(_param(low, trainable), _param(rng, trainable), bits, axis)
+    raise QuantizerRangeError(f"quantizer mode must be 'symmetric' or 'asymmetric', got {mode!r}")

@@ -1,0 +1,115 @@
+"""Activation range statistics from calibration data, and the initializer types.
+
+Types (NNCF's names): ``min_max`` (global min / max), ``mean_min_max`` (mean over batches
+of each batch's min / max), ``threesigma`` (``mean -/+ 3 std`` over all values),
+``percentile`` (``min_percentile`` / ``max_percentile`` of all values, in percent) and
+``mean_percentile`` (mean over batches of each batch's percentiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from purecomp.errors import ConfigError
+
+RANGE_TYPES = ("min_max", "mean_min_max", "threesigma", "percentile", "mean_percentile")
+SAMPLE_CAP = 1 << 18  # values kept per batch for percentiles (evenly strided subsample)
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeInit:
+    """How activation ranges are initialized."""
+
+    type: str = "mean_min_max"
+    num_init_samples: int = 256
+    min_percentile: float = 0.1
+    max_percentile: float = 99.9
+
+    def __post_init__(self) -> None:
+        if self.type not in RANGE_TYPES:
+            raise ConfigError("initializer.range.type", f"expected one of {list(RANGE_TYPES)}, got {self.type!r}")
+        if not 0 <= self.min_percentile < self.max_percentile <= 100:
+            raise ConfigError(
+                "initializer.range.params",
+                f"expected 0 <= min_percentile < max_percentile <= 100, got {self.min_percentile}, {self.max_percentile}",
+            )
+
+
+class TensorStatistics:
+    """Accumulates what every initializer type needs, one batch at a time."""
+
+    def __init__(self) -> None:
+        self.mins: list[Tensor] = []
+        self.maxs: list[Tensor] = []
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.total_sq = torch.zeros((), dtype=torch.float64)
+        self.count = 0
+        self.samples: list[Tensor] = []
+
+    def observe(self, x: Tensor) -> None:
+        flat = x.detach().float().reshape(-1)
+        if flat.numel() == 0:
+            return
+        self.mins.append(flat.min())
+        self.maxs.append(flat.max())
+        self.total += flat.double().sum()
+        self.total_sq += flat.double().square().sum()
+        self.count += flat.numel()
+        stride = max(1, flat.numel() // SAMPLE_CAP)
+        self.samples.append(flat[::stride].clone())
+
+    @property
+    def saw_negative(self) -> bool:
+        """Signedness rule: an activation quantizer is signed iff calibration saw a negative value."""
+        return bool(torch.stack(self.mins).min() < 0) if self.mins else False
+
+    def range(self, init: RangeInit) -> tuple[Tensor, Tensor]:
+        if not self.mins:
+            raise ConfigError("initializer.range", "a quantizer saw no values during range initialization")
+        return _RANGE_FNS[init.type](self, init)
+
+
+def _min_max(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
+    return torch.stack(s.mins).min(), torch.stack(s.maxs).max()
+
+
+def _mean_min_max(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
+    return torch.stack(s.mins).mean(), torch.stack(s.maxs).mean()
+
+
+def _three_sigma(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
+    mean = s.total / s.count
+    std = (s.total_sq / s.count - mean * mean).clamp(min=0).sqrt()
+    return (mean - 3 * std).float(), (mean + 3 * std).float()
+
+
+def _quantiles(values: Tensor, init: RangeInit) -> tuple[Tensor, Tensor]:
+    q = torch.tensor([init.min_percentile / 100, init.max_percentile / 100], dtype=torch.float64)
+    lo, hi = torch.quantile(values.double(), q)
+    return lo.float(), hi.float()
+
+
+def _percentile(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
+    values = torch.cat(s.samples)
+    limit = 1 << 24  # torch.quantile's input limit
+    if values.numel() > limit:
+        values = values[:: -(-values.numel() // limit)]
+    return _quantiles(values, init)
+
+
+def _mean_percentile(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
+    pairs = [_quantiles(v, init) for v in s.samples]
+    return torch.stack([p[0] for p in pairs]).mean(), torch.stack([p[1] for p in pairs]).mean()
+
+
+_RANGE_FNS: dict[str, Callable[[TensorStatistics, RangeInit], tuple[Tensor, Tensor]]] = {
+    "min_max": _min_max,
+    "mean_min_max": _mean_min_max,
+    "threesigma": _three_sigma,
+    "percentile": _percentile,
+    "mean_percentile": _mean_percentile,
+}
