@@ -2,22 +2,30 @@
 
 from . import errors
 from .apply import apply
+from .batchnorm import adapt_batchnorm
 from .compression import Compression, Progress, chain, identity
+from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
 from .stats import statistics, trainable
-from .transforms.quantize import RangeInit, quantization
+from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
 
 __all__ = [
     "Compression",
+    "CompressionConfig",
     "ModelGraph",
     "OpNode",
     "Progress",
+    "QuantizationState",
+    "QuantizerSettings",
     "RangeInit",
     "TensorRef",
+    "adapt_batchnorm",
     "apply",
     "chain",
     "errors",
+    "from_config",
     "identity",
+    "load_config",
     "quantization",
     "statistics",
     "trace",

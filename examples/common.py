@@ -1,0 +1,118 @@
+"""Shared pieces of the examples: the small digits CNN, the data sets, a train and an eval loop.
+
+Data: scikit-learn's digits (shipped with the package, 8x8, 1797 images, 360 held out) by
+default; MNIST test-set IDX files when a directory is given (first 6,000 images train, last
+4,000 evaluate). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+DEFAULT_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+def digits_cnn(num_classes: int = 10) -> nn.Module:
+    """Three conv-BN-ReLU blocks, a max pool, global average pooling and a linear classifier."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+
+
+def load_digits_split() -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn digits: images scaled to [0, 1], a stratified 80/20 split (seed 0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=digits.target)
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read()[header:], dtype=np.uint8)
+
+
+def load_mnist_split(directory: Path = DEFAULT_MNIST) -> tuple[TensorDataset, TensorDataset]:
+    """MNIST test-set IDX files: the first 6,000 images train, the last 4,000 evaluate."""
+    directory = Path(directory)
+    images_file = directory / "t10k-images-idx3-ubyte.gz"
+    labels_file = directory / "t10k-labels-idx1-ubyte.gz"
+    if not images_file.exists() or not labels_file.exists():
+        raise FileNotFoundError(f"MNIST IDX files not found in {directory} (expected {images_file.name}, {labels_file.name})")
+    images = _read_idx(images_file, 16).reshape(-1, 1, 28, 28)
+    labels = _read_idx(labels_file, 8)
+    x = torch.tensor(images, dtype=torch.float32) / 255.0
+    y = torch.tensor(labels, dtype=torch.long)
+    return TensorDataset(x[:6000], y[:6000]), TensorDataset(x[6000:], y[6000:])
+
+
+def load_dataset(name: str) -> tuple[TensorDataset, TensorDataset]:
+    if name == "digits":
+        return load_digits_split()
+    if name == "mnist":
+        return load_mnist_split()
+    raise ValueError(f"unknown dataset {name!r}; expected 'digits' or 'mnist'")
+
+
+def loader(ds: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+Forward = Callable[[Tensor], Tensor]
+
+
+def train_epochs(
+    forward: Forward,
+    parameters: Iterable[Tensor],
+    data: DataLoader,
+    epochs: int,
+    lr: float,
+    desc: str,
+    extra_loss: Callable[[], Tensor] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> None:
+    """Adam with cosine decay over ``epochs``; ``forward(x)`` returns logits."""
+    params = list(parameters)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(data)))
+    loss_fn = nn.CrossEntropyLoss()
+    step = 0
+    for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=None):
+        for x, y in data:
+            loss = loss_fn(forward(x), y)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if on_step is not None:
+                on_step(step, epoch)
+            step += 1
+
+
+@torch.no_grad()
+def accuracy(forward: Forward, data: DataLoader) -> float:
+    """Top-1 accuracy in percent."""
+    correct = total = 0
+    for x, y in data:
+        correct += int((forward(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total

@@ -1,0 +1,202 @@
+"""JSON config (NNCF key names) -> ``Compression``, validated with jsonschema.
+
+``load_config(dict | path)`` validates and returns a ``CompressionConfig``;
+``from_config(dict | path)`` is ``load_config(...).method()``. Every error names the JSON
+path of the offending key (``compression[1].weights.bits``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import torch
+from torch import nn
+
+from .compression import Compression, chain
+from .errors import ConfigError, InputInfoError
+from .graph import ModelGraph, trace
+
+_DTYPES = {
+    "float": torch.float32, "double": torch.float64, "half": torch.float16,
+    "long": torch.int64, "int": torch.int32, "bool": torch.bool,
+}
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("purecomp").joinpath("schema/config.schema.json").read_text()
+    return json.loads(text)
+
+
+def json_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _explain(error: jsonschema.ValidationError, schema: dict[str, Any]) -> ConfigError:
+    path = json_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        key = extra[0] if extra else "?"
+        return ConfigError(json_path([*error.absolute_path, key]), f"unknown key; expected one of {allowed}")
+    if error.validator == "required":
+        return ConfigError(path, f"missing key: {error.message}")
+    if error.validator == "type":
+        return ConfigError(path, f"expected {error.validator_value}, got {error.instance!r}")
+    if error.validator in ("minimum", "maximum"):
+        lo = error.schema.get("minimum", "-inf")
+        hi = error.schema.get("maximum", "inf")
+        return ConfigError(path, f"expected a value in [{lo}, {hi}], got {error.instance!r}")
+    if error.validator == "enum":
+        return ConfigError(path, f"expected one of {error.validator_value}, got {error.instance!r}")
+    if error.validator == "oneOf":
+        # report the most specific failure among the alternatives
+        inner = max(error.context or [], key=lambda e: len(e.absolute_path), default=None)
+        if inner is not None:
+            return _explain(inner, schema)
+    return ConfigError(path, error.message)
+
+
+def _validate(instance: Any, schema: dict[str, Any], root: dict[str, Any], prefix: list[Any]) -> None:
+    resolver_schema = {**schema, "$defs": root["$defs"]}
+    validator = jsonschema.Draft202012Validator(resolver_schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        error = errors[0]
+        error.path.extendleft(reversed(prefix))  # report paths from the config's root
+        raise _explain(error, root)
+
+
+# algorithm name -> builder(section, origin) -> Compression; later algorithms register here
+AlgorithmBuilder = Callable[[Mapping[str, Any], str], Compression]
+ALGORITHMS: dict[str, AlgorithmBuilder] = {}
+
+
+def register_algorithm(name: str, builder: AlgorithmBuilder) -> None:
+    ALGORITHMS[name] = builder
+
+
+def _register_builtins() -> None:
+    from purecomp.transforms.quantize.from_config import quantization_from_config
+
+    ALGORITHMS.setdefault("quantization", quantization_from_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+    """A validated config."""
+
+    data: Mapping[str, Any]
+
+    @property
+    def algorithms(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """``(origin, section)`` for each compression algorithm, in order."""
+        section = self.data["compression"]
+        if isinstance(section, list):
+            return [(f"compression[{i}].", s) for i, s in enumerate(section)]
+        return [("compression.", section)]
+
+    def method(self) -> Compression:
+        """The ``Compression`` this config describes (a chain when several algorithms are listed)."""
+        methods = [ALGORITHMS[s["algorithm"]](s, origin) for origin, s in self.algorithms]
+        return methods[0] if len(methods) == 1 else chain(*methods)
+
+    @property
+    def num_bn_adaptation_samples(self) -> int:
+        """Largest BatchNorm-adaptation sample count requested by any algorithm (0: none)."""
+        counts = [
+            s.get("initializer", {}).get("batchnorm_adaptation", {}).get("num_bn_adaptation_samples", 0)
+            for _, s in self.algorithms
+        ]
+        return max(counts, default=0)
+
+    def example_inputs(self, batch: int | None = None) -> tuple[tuple, dict]:
+        """Inputs built from ``input_info`` (``filler``: zeros, ones or random; default random)."""
+        if "input_info" not in self.data:
+            raise InputInfoError("input_info", "missing; expected {'sample_size': [N, C, H, W]} to build example inputs")
+        infos = self.data["input_info"]
+        infos = infos if isinstance(infos, list) else [infos]
+        args, kwargs = [], {}
+        gen = torch.Generator().manual_seed(0)
+        for info in infos:
+            size = list(info["sample_size"])
+            if batch is not None:
+                size[0] = batch
+            dtype = _DTYPES[info.get("type", "float")]
+            filler = info.get("filler", "random")
+            if filler == "zeros":
+                t = torch.zeros(size, dtype=dtype)
+            elif filler == "ones":
+                t = torch.ones(size, dtype=dtype)
+            elif dtype.is_floating_point:
+                t = torch.rand(size, generator=gen).to(dtype)
+            else:
+                t = torch.randint(0, 2, size, generator=gen).to(dtype)
+            if "keyword" in info:
+                kwargs[info["keyword"]] = t
+            else:
+                args.append(t)
+        return tuple(args), kwargs
+
+    def trace(self, model: nn.Module) -> ModelGraph:
+        """Trace ``model`` on inputs from ``input_info``; raise ``InputInfoError`` when they do not fit."""
+        args, kwargs = self.example_inputs()
+        try:
+            return trace(model, args, kwargs)
+        except Exception as exc:  # the model's own error says why the shapes do not fit
+            shapes = [tuple(a.shape) for a in args] + [(k, tuple(v.shape)) for k, v in kwargs.items()]
+            raise InputInfoError(
+                "input_info",
+                f"the model cannot run on inputs of shape {shapes}: {type(exc).__name__}: {exc}",
+            ) from exc
+
+
+def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:
+    """Read (when a path) and validate a config; unknown keys and wrong types raise ``ConfigError``."""
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("", f"config file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError("", f"config file {str(path)!r} is not valid JSON: {exc}") from None
+    elif isinstance(config, Mapping):
+        data = copy.deepcopy(dict(config))
+    else:
+        raise ConfigError("", f"expected a dict or a path to a JSON file, got {type(config).__name__}")
+    _register_builtins()
+    root = _schema()
+    _validate(data, root, root, [])
+    cfg = CompressionConfig(data)
+    for origin, section in cfg.algorithms:
+        name = section["algorithm"]
+        if name not in ALGORITHMS:
+            raise ConfigError(f"{origin}algorithm", f"unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
+        sub = root["$defs"].get(name)
+        if sub is not None:
+            prefix = _origin_parts(origin)
+            _validate(section, sub, root, prefix)
+    cfg.method()  # semantic checks (ranges, percentiles) raise here, with their JSON path
+    return cfg
+
+
+def _origin_parts(origin: str) -> list[Any]:
+    parts: list[Any] = ["compression"]
+    if origin.startswith("compression["):
+        parts.append(int(origin[len("compression["):origin.index("]")]))
+    return parts
+
+
+def from_config(config: Mapping[str, Any] | str | Path) -> Compression:
+    """The ``Compression`` a JSON config (dict or file path) describes."""
+    return load_config(config).method()
