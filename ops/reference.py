@@ -30,13 +30,14 @@ def broadcast_param(param: Tensor, x: Tensor, axis: int | None) -> Tensor:
     return param.reshape(shape)
 
 
-def _straight_through_levels(u: Tensor, ql: int, qh: int) -> Tensor:
-    """``clamp(round(u), ql, qh)`` with d/du = 1 inside, 0 outside (regions from detached round)."""
-    r = torch.round(u.detach())
-    inside = (r >= ql) & (r <= qh)
-    rounded = u + (r - u).detach()  # value r exactly; derivative 1
-    clamped = torch.where(r < ql, torch.full_like(u, ql), torch.full_like(u, qh))
-    return torch.where(inside, rounded, clamped)
+def _regions(r: Tensor, ql: int, qh: int) -> tuple[Tensor, Tensor]:
+    """``(inside, above)`` masks from the detached rounded levels ``r``."""
+    return (r >= ql) & (r <= qh), r > qh
+
+
+def _with_gradient(value: Tensor, surrogate: Tensor) -> Tensor:
+    """``value`` exactly (``surrogate - surrogate.detach()`` is an exact zero), gradients of ``surrogate``."""
+    return value + (surrogate - surrogate.detach())
 
 
 def fake_quantize_symmetric_reference(
@@ -49,11 +50,16 @@ def fake_quantize_symmetric_reference(
     inside, ``1`` above, ``ql / qh`` below.
     """
     ql, qh = symmetric_levels(bits, signed, narrow_range)
-    compute = x.float()
-    s = broadcast_param(scale.float(), compute, axis).abs() + EPS
-    step = s / qh
-    q = _straight_through_levels(compute / step, ql, qh)
-    return (q * step).to(x.dtype)
+    xf = x.float()
+    s = broadcast_param(scale.float(), xf, axis).abs() + EPS
+    with torch.no_grad():
+        step = s / qh
+        r = torch.round(xf / step)
+        out = torch.clamp(r, ql, qh) * step
+        inside, above = _regions(r, ql, qh)
+        slope = (out - xf) / s
+    surrogate = torch.where(inside, xf + slope * s, torch.where(above, s, s * (ql / qh)))
+    return _with_gradient(out, surrogate).to(x.dtype)
 
 
 def adjust_asymmetric_range(input_low: Tensor, input_range: Tensor, levels: int) -> tuple[Tensor, Tensor]:
@@ -85,22 +91,27 @@ def fake_quantize_asymmetric_reference(
 ) -> Tensor:
     """Asymmetric fake quantization with learned ``input_low`` and ``input_range``.
 
-    The range ``[lo, lo + |range| + eps]`` is first adjusted so that zero is a level
-    (straight-through), then with ``n = 2^b - 1``, ``step = range / n`` and the zero point
-    ``zp = round(-lo / step)``: ``out = step * (round(clamp(x, lo, hi) - lo) / step) - zp)``,
-    which equals ``lo + step * round((clamp(x, lo, hi) - lo) / step)`` and maps 0 to exactly 0.
+    The range ``[low, low + |range| + eps]`` is first adjusted so that zero is a level
+    (``adjust_asymmetric_range``, straight-through). With ``n = 2^b - 1``,
+    ``step = range / n`` and the zero point ``zp = round(-low / step)``:
+    ``out = step * (clamp(round((x - low) / step), 0, n) - zp)``. This equals
+    ``low + step * round((clamp(x, low, high) - low) / step)`` whenever ``-low / step`` is the
+    integer ``zp`` (the adjustment's purpose), maps 0 to exactly 0, and is what ONNX's
+    QuantizeLinear/DequantizeLinear compute with that integer zero point.
     Gradients: d/dx = g inside; d/dlow = 0 inside, 1 outside; d/drange = ``(out - x) / range``
     inside, 1 above, 0 below.
     """
     _, n = asymmetric_levels(bits)
-    compute = x.float()
-    raw_low = broadcast_param(input_low.float(), compute, axis)
-    raw_range = broadcast_param(input_range.float(), compute, axis).abs() + EPS
-    adj_low, adj_range = adjust_asymmetric_range(raw_low, raw_range, n)
-    low = raw_low + (adj_low - raw_low).detach()
-    rng = raw_range + (adj_range - raw_range).detach()
-    step = rng / n
-    q = _straight_through_levels((compute - low) / step, 0, n)
-    neg_low_steps = -low / step
-    zero_point = neg_low_steps + (torch.round(neg_low_steps) - neg_low_steps).detach()
-    return ((q - zero_point) * step).to(x.dtype)
+    xf = x.float()
+    low = broadcast_param(input_low.float(), xf, axis)
+    rng = broadcast_param(input_range.float(), xf, axis).abs() + EPS
+    adj_low, adj_range = adjust_asymmetric_range(low, rng, n)
+    with torch.no_grad():
+        step = adj_range / n
+        r = torch.round((xf - adj_low) / step)
+        zero_point = torch.round(-adj_low / step)
+        out = (torch.clamp(r, 0, n) - zero_point) * step
+        inside, above = _regions(r, 0, n)
+        slope = (out - xf) / adj_range
+    surrogate = torch.where(inside, xf + slope * rng, torch.where(above, low + rng, low))
+    return _with_gradient(out, surrogate).to(x.dtype)
