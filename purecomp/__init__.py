@@ -1,7 +1,7 @@
 """purecomp: neural-network compression for PyTorch as pure transforms."""
 
 from . import errors
-from .apply import apply
+from .apply import apply, compile_apply
 from .batchnorm import adapt_batchnorm
 from .compression import Compression, Progress, chain, identity
 from .config import CompressionConfig, from_config, load_config
@@ -21,6 +21,7 @@ __all__ = [
     "TensorRef",
     "adapt_batchnorm",
     "apply",
+    "compile_apply",
     "chain",
     "errors",
     "from_config",

@@ -9,10 +9,12 @@ updates the module's own).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import optree
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -43,14 +45,25 @@ def call_with_sites(
     kwargs: dict,
 ) -> Any:
     """``functional_call`` with site transforms (keys ``<site>:in<k>``, ``<site>:out<j>``, ``input:<name>``)."""
-    input_fns = {k: fn for k, fn in sites.items() if k.startswith("input:")}
-    op_fns = {k: fn for k, fn in sites.items() if not k.startswith("input:")}
-    args, kwargs = _transform_inputs(args, kwargs, input_fns)
-    if not op_fns:
+    with intercepting(model, sites):
+        args, kwargs = _transform_inputs(args, kwargs, _input_sites(sites))
         return functional_call(model, dict(params), args, kwargs)
+
+
+def _input_sites(sites: Mapping[str, SiteFn]) -> dict[str, SiteFn]:
+    return {k: fn for k, fn in sites.items() if k.startswith("input:")}
+
+
+@contextlib.contextmanager
+def intercepting(model: nn.Module, sites: Mapping[str, SiteFn]) -> Iterator[None]:
+    """Scope hooks on ``model`` and the interception mode for op-call ``sites``, for one block."""
+    op_fns = {k: fn for k, fn in sites.items() if not k.startswith("input:")}
+    if not op_fns:
+        yield
+        return
     scopes = ScopeStack(model)
     with scopes.attached(), Interceptor(scopes, sites=op_fns):
-        return functional_call(model, dict(params), args, kwargs)
+        yield
 
 
 def apply(
@@ -63,3 +76,24 @@ def apply(
 ) -> Any:
     """Run ``model`` on ``args`` with ``method``'s weight transform and activation transforms."""
     return call_with_sites(model, method.params(params, state), method.sites(state), args, kwargs)
+
+
+def compile_apply(model: nn.Module, method: Compression, **compile_kwargs: Any) -> Callable[..., Any]:
+    """``apply`` with the model call compiled by ``torch.compile(**compile_kwargs)``.
+
+    Returns ``run(params, state, *args, **kwargs)``. The scope hooks and the interception mode
+    are set up around the compiled call (torch.compile cannot trace hook registration), and
+    the weight transform and every site transform are compiled with the model.
+    """
+
+    def call(params: Mapping[str, Tensor], state: Any, args: tuple, kwargs: dict) -> Any:
+        args, kwargs = _transform_inputs(args, kwargs, _input_sites(method.sites(state)))
+        return functional_call(model, method.params(params, state), args, kwargs)
+
+    compiled = torch.compile(call, **compile_kwargs)
+
+    def run(params: Mapping[str, Tensor], state: Any, *args: Any, **kwargs: Any) -> Any:
+        with intercepting(model, method.sites(state)):
+            return compiled(params, state, args, kwargs)
+
+    return run

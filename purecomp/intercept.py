@@ -37,8 +37,21 @@ _KNOWN_FUNCTIONS: dict[Any, str] = {
 _DUNDER_ALIASES = {"truediv": "div", "floordiv": "floor_divide", "and": "logical_and"}
 
 
+_KIND_CACHE: dict[Any, str] = {}
+
+
+@torch.compiler.assume_constant_result
 def op_kind(func: Any) -> str:
-    """Normalized op name: ``Tensor.__iadd__``, ``Tensor.add_``, ``torch.add`` all give ``add``."""
+    """Normalized op name: ``Tensor.__iadd__``, ``Tensor.add_``, ``torch.add`` all give ``add``.
+
+    A pure function of ``func`` (cached; a constant to torch.compile)."""
+    kind = _KIND_CACHE.get(func)
+    if kind is None:
+        kind = _KIND_CACHE[func] = _op_kind(func)
+    return kind
+
+
+def _op_kind(func: Any) -> str:
     known = _KNOWN_FUNCTIONS.get(func)
     if known is not None:
         return known
