@@ -11,6 +11,7 @@ import time
 import torch
 
 import purecomp as pc
+
 from common import accuracy, digits_cnn, load_dataset, loader, train_epochs
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import purecomp as pc
-from models import TORCHVISION, tiny_bert, torchvision_model
 from purecomp.errors import UnknownOpError
 from purecomp.intercept import op_kind, split_site
+
+from models import TORCHVISION, tiny_bert, torchvision_model
 
 
 def test_op_kind_normalizes_inplace_dunder_and_functional_forms():

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import purecomp as pc
-from models import TORCHVISION, tiny_bert, torchvision_model
 from purecomp.transforms.quantize import activation_targets, select_sites, weight_targets
 from purecomp.transforms.quantize.placement import NORM_FUSING_PRODUCERS, WEIGHTED_OPS, source_of
+
+from models import TORCHVISION, tiny_bert, torchvision_model
 
 
 def targets(name, **kw):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import purecomp as pc
+
 from models import torchvision_model
 
 

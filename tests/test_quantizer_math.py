@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracles
 import purecomp.ops as ops
 from purecomp.errors import QuantizerRangeError
 from purecomp.ops import (
@@ -22,6 +21,8 @@ from purecomp.ops import (
     symmetric_levels,
 )
 from purecomp.testing import asymmetric_cases, symmetric_cases
+
+import oracles
 
 settings.register_profile("purecomp", deadline=None, max_examples=150)
 settings.load_profile("purecomp")

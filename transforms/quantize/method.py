@@ -18,7 +18,13 @@ from purecomp.graph import ModelGraph
 from purecomp.ops.levels import check_bits
 from purecomp.struct import static_field, struct
 
-from .placement import ActivationTarget, WeightTarget, activation_targets, select_sites, weight_targets
+from .placement import (
+    ActivationTarget,
+    WeightTarget,
+    activation_targets,
+    select_sites,
+    weight_targets,
+)
 from .quantizer import Quantizer, make_quantizer
 from .range_init import RangeInit, TensorStatistics
 
