@@ -97,5 +97,8 @@ def test_bert_integer_inputs_are_not_quantized():
     graph = pc.trace(model, (ids,), {"attention_mask": mask})
     state = pc.quantization().init(graph, dict(model.named_parameters()), [dict(input_ids=ids, attention_mask=mask)])
     assert not any(k.startswith("input:") for k in state.activations)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(state.weights) == sorted(f"{n}.weight" for n in linears)
+    # embeddings are handled as weights: their tables are quantized, their lookups are not re-quantized
+    weighted = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert sorted(state.weights) == sorted(f"{n}.weight" for n in weighted)
+    assert not any("embedding#" in k for k in state.activations)
+    assert "embeddings/add#0:out0" in state.activations

@@ -22,7 +22,8 @@ CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d"})
 CONV_TRANSPOSE_OPS = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
 LINEAR_OPS = frozenset({"linear"})
 MATMUL_OPS = frozenset({"matmul", "bmm", "mm", "addmm", "baddbmm"})
-WEIGHTED_OPS = CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS | MATMUL_OPS
+EMBEDDING_OPS = frozenset({"embedding"})  # a lookup returns rows of its (quantized) table: no activation quantizer after it
+WEIGHTED_OPS = CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS | MATMUL_OPS | EMBEDDING_OPS
 NORM_OPS = frozenset({"batch_norm", "layer_norm"})
 QUANTIZABLE_OPS = WEIGHTED_OPS | NORM_OPS | frozenset(
     {"add", "mul", "cat", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -58,10 +59,10 @@ class ActivationTarget:
 
 
 def weight_axis(node: OpNode, position: int) -> int:
-    """Output-channel axis of the weight read at input ``position`` of ``node``."""
+    """Output-channel axis of the weight read at input ``position`` of ``node`` (rows of an embedding)."""
     if node.op in CONV_TRANSPOSE_OPS:
         return 1
-    if node.op in CONV_OPS | LINEAR_OPS:
+    if node.op in CONV_OPS | LINEAR_OPS | EMBEDDING_OPS:
         return 0
     # matmul-like: out = a @ b; the output channels of b are its last axis, of a its second-to-last
     rank = len(node.input_info[position].shape)
@@ -69,7 +70,7 @@ def weight_axis(node: OpNode, position: int) -> int:
 
 
 def _weight_position(node: OpNode) -> int | None:
-    if node.op in CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS:
+    if node.op in CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS | EMBEDDING_OPS:
         ok = len(node.inputs) > 1 and node.inputs[1].kind == "param"
         return 1 if ok else None
     for k, ref in enumerate(node.inputs):
@@ -180,6 +181,9 @@ def activation_targets(
             continue
         for k in activation_positions(graph, node):
             src = source_of(graph, node.inputs[k])
+            producer = graph.producer(src)
+            if producer is not None and producer.op in EMBEDDING_OPS:
+                continue
             sites = consumers.setdefault(src, [])
             if node.site not in sites:
                 sites.append(node.site)
