@@ -116,3 +116,40 @@ def accuracy(forward: Forward, data: DataLoader) -> float:
         correct += int((forward(x).argmax(1) == y).sum())
         total += len(y)
     return 100.0 * correct / total
+
+
+def onnx_session(path: str | Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_accuracy(path: str | Path, data: DataLoader) -> float:
+    """Top-1 accuracy (percent) of an ONNX classifier run in onnxruntime."""
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in data:
+        logits = session.run(None, {name: x.numpy()})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def onnx_latencies(paths: dict[str, str | Path], x: Tensor, repeats: int = 200, warmup: int = 20) -> dict[str, float]:
+    """Median latency (ms) of each file on ``x``, the files alternated call by call."""
+    import statistics
+    import time
+
+    sessions = {k: onnx_session(p) for k, p in paths.items()}
+    feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(warmup + repeats):
+        for k, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[k])
+            if i >= warmup:
+                times[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}

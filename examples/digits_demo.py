@@ -1,18 +1,23 @@
-"""The main demo: train a small CNN on digits, INT8 QAT it with purecomp, compare accuracy.
+"""The main demo: train a small CNN on digits, INT8 QAT it with purecomp, export ONNX, compare.
 
-    python examples/digits_demo.py [--dataset digits|mnist] [--epochs 30] [--qat-epochs 5]
+    python examples/digits_demo.py [--dataset digits|mnist] [--epochs 30] [--qat-epochs 5] [--out DIR]
+
+Prints the quantizer table, then accuracy (PyTorch and ONNX Runtime), ONNX file size and
+ONNX Runtime latency (batch 1, median, FP32 and INT8 alternated) for the FP32 and INT8 models.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import purecomp as pc
-
-from common import accuracy, digits_cnn, load_dataset, loader, train_epochs
+from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, onnx_latencies, train_epochs
+from purecomp import export
 
 
 def main() -> None:
@@ -21,6 +26,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30, help="FP32 training epochs")
     ap.add_argument("--qat-epochs", type=int, default=5, help="INT8 fine-tuning epochs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="where to write the ONNX files (default: a temporary directory)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -32,9 +38,12 @@ def main() -> None:
     train_epochs(model, model.parameters(), train, args.epochs, 3e-3, "FP32 training")
     model.eval()
     fp32 = accuracy(model, test)
-
-    # INT8 QAT, functional: the model object is never modified by purecomp
     example = train_set.tensors[0][:2]
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="purecomp-demo-"))
+    fp32_params = dict(model.named_parameters()) | dict(model.named_buffers())
+    fp32_path = export.to_onnx(model, pc.identity(), fp32_params, (), (example,), out_dir / "digits_fp32.onnx")
+
+    # INT8 QAT, functional: purecomp never modifies the model object (the optimizer trains its parameters)
     graph = pc.trace(model, (example,))
     method = pc.quantization(
         weights=dict(mode="symmetric", bits=8, per_channel=True),
@@ -54,14 +63,21 @@ def main() -> None:
     model.eval()
     int8 = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
 
+    int8_path = export.to_onnx(model, method, params, state, (example,), out_dir / "digits_int8.onnx")
+    onnx_fp32, onnx_int8 = onnx_accuracy(fp32_path, test), onnx_accuracy(int8_path, test)
+    latency = onnx_latencies({"fp32": fp32_path, "int8": int8_path}, example[:1])
+
     print(pc.statistics(graph, state))
     print()
-    print(f"dataset: {args.dataset} ({len(train_set)} train / {len(test_set)} test images)")
-    print(f"{'model':<28}{'top-1 accuracy (%)':>20}")
-    print(f"{'FP32':<28}{fp32:>20.2f}")
-    print(f"{'INT8 after range init':<28}{int8_init:>20.2f}")
-    print(f"{'INT8 after QAT':<28}{int8:>20.2f}")
-    print(f"accuracy drop FP32 -> INT8 QAT: {fp32 - int8:+.2f} points; time {time.perf_counter() - started:.0f} s")
+    print(f"dataset: {args.dataset} ({len(train_set)} train / {len(test_set)} test images); ONNX files in {out_dir}")
+    header = f"{'model':<24}{'PyTorch acc %':>14}{'ONNX acc %':>12}{'ONNX KiB':>10}{'ORT ms (b=1)':>14}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'FP32':<24}{fp32:>14.2f}{onnx_fp32:>12.2f}{fp32_path.stat().st_size / 1024:>10.1f}{latency['fp32']:>14.3f}")
+    print(f"{'INT8 after range init':<24}{int8_init:>14.2f}{'':>12}{'':>10}{'':>14}")
+    print(f"{'INT8 after QAT':<24}{int8:>14.2f}{onnx_int8:>12.2f}{int8_path.stat().st_size / 1024:>10.1f}{latency['int8']:>14.3f}")
+    print(f"accuracy drop FP32 -> INT8 QAT: {fp32 - int8:+.2f} points (ONNX Runtime: {onnx_fp32 - onnx_int8:+.2f}); "
+          f"time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

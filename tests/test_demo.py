@@ -19,6 +19,10 @@ def test_digits_demo_runs_and_reports_accuracy():
     )
     out = result.stdout
     assert "quantizers" in out and "INT8 after QAT" in out
-    fp32 = float(next(line for line in out.splitlines() if line.startswith("FP32")).split()[-1])
-    int8 = float(next(line for line in out.splitlines() if line.startswith("INT8 after QAT")).split()[-1])
+    fp32_row = next(line for line in out.splitlines() if line.startswith("FP32")).split()
+    int8_row = next(line for line in out.splitlines() if line.startswith("INT8 after QAT")).split()
+    fp32, fp32_onnx, fp32_kib = (float(v) for v in fp32_row[1:4])
+    int8, int8_onnx, int8_kib = (float(v) for v in int8_row[3:6])
     assert fp32 > 80 and int8 > 80, out
+    assert abs(fp32 - fp32_onnx) <= 0.6 and abs(int8 - int8_onnx) <= 0.6, "ONNX Runtime agrees with PyTorch"
+    assert int8_kib < 0.5 * fp32_kib, "the INT8 file stores int8 weights"

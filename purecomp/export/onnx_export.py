@@ -24,6 +24,18 @@ class ExportError(PurecompError, RuntimeError):
     """The ONNX exporter could not export the materialized model."""
 
 
+def _strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node metadata (Python stack traces, FX names): it can outweigh a small model."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for info in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
+        del info.metadata_props[:]
+    for init in proto.graph.initializer:
+        del init.metadata_props[:]
+    return proto
+
+
 def to_onnx(
     model: nn.Module,
     method: Any,
@@ -65,6 +77,8 @@ def to_onnx(
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for the materialized model: {type(exc).__name__}: {exc}") from exc
     program.save(str(path))
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    proto = _strip_metadata(onnx.load(str(path)))
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(proto, full_check=True)
     log.info("exported %s (%.1f KiB)", path, path.stat().st_size / 1024)
     return path
