@@ -85,7 +85,9 @@ def build_directory() -> Path:
     digest.update(" ".join(cflags()).encode())
     root = os.environ.get("PURECOMP_CACHE_DIR")
     if root is None:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "purecomp")
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "purecomp"
+        )
     version = torch.__version__.replace("+", "_")
     return Path(root) / f"ops-{version}-{digest.hexdigest()[:16]}"
 
@@ -107,7 +109,7 @@ def _compile_and_load() -> None:
         is_python_module=False,
         verbose=False,
     )
-    from . import _registration  # noqa: F401  (fake kernels, autograd and vmap rules)
+    from . import _registration  # noqa: F401  (fake kernels and vmap rules)
 
 
 def ensure_built() -> bool:
@@ -137,7 +139,9 @@ def ensure_built() -> bool:
                             str(error).strip().splitlines()[-1] if str(error).strip() else "",
                         )
     if not _state.available and selected == "cpp":
-        raise OpsBuildError(f"PURECOMP_OPS=cpp but the C++ ops failed to build: {_state.error}") from _state.error
+        raise OpsBuildError(
+            f"PURECOMP_OPS=cpp but the C++ ops failed to build: {_state.error}"
+        ) from _state.error
     return _state.available
 
 

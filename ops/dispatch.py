@@ -1,7 +1,14 @@
 """Public fake-quantize functions and the router that picks the kernel path.
 
 Paths: ``"reference"`` (the pure-torch composite of ``reference.py``) and, once built,
-``"cpp"`` (the C++ kernels). ``record_paths()`` lets tests assert which one ran.
+``"cpp"`` (the C++ ops ``torch.ops.purecomp.fake_quantize_*``, whose autograd kernels are C++
+too). ``record_paths()`` lets tests assert which one ran.
+
+The C++ path is taken only for eager, transform-free calls on CPU: not while
+``torch.compile`` traces, not under an active ``torch.func`` transform (grad, vjp, jvp,
+vmap, ...), not when an input carries a forward-AD tangent, and only for float32/float16/
+bfloat16 ``x`` with float32 parameters. ``PURECOMP_OPS=reference`` disables it (see
+``build``). Everything else runs the reference, which composes with every transform.
 """
 
 from __future__ import annotations
@@ -9,12 +16,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from purecomp.errors import QuantizerRangeError
 
-from .levels import check_bits
+from . import build
+from .levels import asymmetric_levels, check_bits, symmetric_levels
 from .reference import fake_quantize_asymmetric_reference, fake_quantize_symmetric_reference
+
+_CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _recorders: list[list[str]] = []
 
@@ -52,12 +64,36 @@ def _check_param(name: str, param: Tensor, x: Tensor, axis: int | None) -> None:
         )
 
 
+def _has_tangent(t: Tensor) -> bool:
+    # A tangent exists only inside a forward-AD dual level (the level counter is -1 outside).
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return forward_ad.unpack_dual(t).tangent is not None
+
+
+def _use_cpp(x: Tensor, *params: Tensor) -> bool:
+    """True when the C++ kernels may run: eager, no transform, no tangent, CPU, supported dtypes."""
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    if x.device.type != "cpu" or x.dtype not in _CPP_DTYPES:
+        return False
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return False
+    if _has_tangent(x) or any(_has_tangent(p) for p in params):
+        return False
+    return build.ensure_built()
+
+
 def fake_quantize_symmetric(
     x: Tensor, scale: Tensor, *, bits: int, signed: bool, narrow_range: bool, axis: int | None = None
 ) -> Tensor:
     """Symmetric fake quantization (see ``reference.fake_quantize_symmetric_reference``)."""
     check_bits(bits)
     _check_param("scale", scale, x, axis)
+    if _use_cpp(x, scale):
+        ql, qh = symmetric_levels(bits, signed, narrow_range)
+        _note_path("cpp")
+        return torch.ops.purecomp.fake_quantize_symmetric(x, scale, ql, qh, axis)
     _note_path("reference")
     return fake_quantize_symmetric_reference(
         x, scale, bits=bits, signed=signed, narrow_range=narrow_range, axis=axis
@@ -71,5 +107,9 @@ def fake_quantize_asymmetric(
     check_bits(bits)
     _check_param("input_low", input_low, x, axis)
     _check_param("input_range", input_range, x, axis)
+    if _use_cpp(x, input_low, input_range):
+        _note_path("cpp")
+        levels = asymmetric_levels(bits)[1]
+        return torch.ops.purecomp.fake_quantize_asymmetric(x, input_low, input_range, levels, axis)
     _note_path("reference")
     return fake_quantize_asymmetric_reference(x, input_low, input_range, bits=bits, axis=axis)

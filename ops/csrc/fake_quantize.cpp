@@ -6,12 +6,13 @@
 // backward. Compile with -ffp-contract=off so that no a*b+c is fused into an FMA.
 //
 // Symmetric (levels ql..qh): s = |scale| + 1e-16, step = s / qh, r = nearbyint(x / step),
-//   below: r < ql, inside: ql <= r <= qh, above: otherwise (also NaN);
-//   out = step * clamp(r, ql, qh).
+//   inside: ql <= r <= qh, above: r > qh, below: otherwise (r < ql, or NaN);
+//   out = clamp(r, ql, qh) * step (+0, which turns -0 into +0 as the reference's
+//   out + (surrogate - surrogate) does).
 //   dx = g inside, 0 outside; dscale = sgn(scale) * sum(g*(out-x)/s inside, g above, g*ql/qh below).
 // Asymmetric (levels 0..n): low and range adjusted so that zero is a level (as in
 //   reference.adjust_asymmetric_range), step = range / n, zp = nearbyint(-low / step),
-//   r = nearbyint((x - low) / step), out = (clamp(r, 0, n) - zp) * step.
+//   r = nearbyint((x - low) / step), out = (clamp(r, 0, n) - zp) * step (+0).
 //   dx = g inside; dlow = sum(g outside); drange = sgn(range) * sum(g*(out-x)/range inside, g above).
 //
 // Forward: one pass over x writing out. Backward: one pass over (grad, x) writing grad_x and
@@ -22,6 +23,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "fake_quantize.h"
 
 #include <algorithm>
 #include <cmath>
@@ -80,6 +83,10 @@ static_assert(Io<at::Half>::kUnit == 2 * kVS && Io<at::BFloat16>::kUnit == 2 * k
 // A table holds the per-position parameters: one entry per channel (splat mode) or one per
 // position of a (channels x inner) row (lane mode), padded for full vector loads.
 
+// An Op maps x to its integer level r = round(u(x)), clamps it to [lo, hi] and maps the
+// clamped level q back to a float value. at::vec::clamp keeps NaN, as torch.clamp does;
+// "+ 0" turns -0 into +0, as the reference's out + (surrogate - surrogate) does.
+
 struct SymTable {
   std::vector<float> step;
   float ql, qh;
@@ -90,15 +97,10 @@ struct SymOp {
   Vec step, ql, qh;
   static SymOp splat(const Table& t, int64_t p) { return {Vec(t.step[p]), Vec(t.ql), Vec(t.qh)}; }
   static SymOp lanes(const Table& t, int64_t p) { return {Vec::loadu(t.step.data() + p), Vec(t.ql), Vec(t.qh)}; }
-  // out = step * (r inside | ql below | qh above); r + 0 turns -0 into +0 as the reference's
-  // u + (r - u) does.
-  void eval(const Vec& x, Vec& out, Vec& inside, Vec& below) const {
-    const Vec r = (x / step).round();
-    below = r < ql;
-    inside = (r >= ql) & (r <= qh);
-    const Vec q = Vec::blendv(Vec::blendv(qh, ql, below), r + Vec(0.f), inside);
-    out = q * step;
-  }
+  Vec level(const Vec& x) const { return (x / step).round(); }
+  Vec value(const Vec& q) const { return q * step + Vec(0.f); }
+  const Vec& lo() const { return ql; }
+  const Vec& hi() const { return qh; }
 };
 
 struct AsymTable {
@@ -115,28 +117,32 @@ struct AsymOp {
   static AsymOp lanes(const Table& t, int64_t p) {
     return {Vec::loadu(t.low.data() + p), Vec::loadu(t.step.data() + p), Vec::loadu(t.zp.data() + p), Vec(t.n)};
   }
-  // out = (q - zp) * step with q = r inside, 0 below, n above.
-  void eval(const Vec& x, Vec& out, Vec& inside, Vec& below) const {
-    const Vec zero(0.f);
-    const Vec r = ((x - low) / step).round();
-    below = r < zero;
-    inside = (r >= zero) & (r <= n);
-    const Vec q = Vec::blendv(Vec::blendv(n, zero, below), r + zero, inside);
-    out = (q - zp) * step;
-  }
+  Vec level(const Vec& x) const { return ((x - low) / step).round(); }
+  Vec value(const Vec& q) const { return (q - zp) * step + Vec(0.f); }
+  Vec lo() const { return Vec(0.f); }
+  const Vec& hi() const { return n; }
 };
+
+template <typename Op>
+inline Vec forward_value(const Op& op, const Vec& x) {
+  return op.value(at::vec::clamp(op.level(x), op.lo(), op.hi()));
+}
 
 // Per-element contributions of the backward: grad_x and the three sums the parameter
 // gradients are made of: g*(out-x) inside, g below, g above.
 template <typename Op>
 inline void backward_body(const Op& op, const Vec& x, const Vec& g, Vec& dx, Vec& c_in, Vec& c_below,
                           Vec& c_above) {
-  Vec out, inside, below;
-  op.eval(x, out, inside, below);
-  const Vec all = Vec(0.f) == Vec(0.f);
-  const Vec above = (inside | below) ^ all;
+  const Vec r = op.level(x);
+  const Vec q = at::vec::clamp(r, op.lo(), op.hi());
+  const Vec out = op.value(q);
+  const Vec inside = q == r;  // false for NaN, like (r >= lo) & (r <= hi)
+  const Vec above = r > op.hi();
+  const Vec below = (inside | above) ^ (Vec(0.f) == Vec(0.f));  // the rest, NaN included
   dx = g & inside;
-  c_in = (g * (out - x)) & inside;
+  // (g inside, 0 outside) * (out - x): outside terms are 0, or NaN for an infinite or NaN x,
+  // as in the reference, whose where() passes 0 * slope to the parameter there.
+  c_in = dx * (out - x);
   c_below = g & below;
   c_above = g & above;
 }
@@ -165,14 +171,14 @@ void forward_segment(const T* x, T* out, int64_t n, const typename Op::Table& ta
   if constexpr (!kLanes) {
     for (int k = 0; k < kV; ++k) op[k] = Op::splat(table, p);
   }
-  Vec xv[kV], ov[kV], inside, below;
+  Vec xv[kV], ov[kV];
   for (int64_t i = 0; i < n; i += kU) {
     const int64_t cnt = std::min(kU, n - i);
     if constexpr (kLanes) {
       for (int k = 0; k < kV; ++k) op[k] = Op::lanes(table, p + i + k * kVS);
     }
     Io<T>::load(x + i, cnt, xv);
-    for (int k = 0; k < kV; ++k) op[k].eval(xv[k], ov[k], inside, below);
+    for (int k = 0; k < kV; ++k) ov[k] = forward_value(op[k], xv[k]);
     Io<T>::store(out + i, cnt, ov);
   }
 }
@@ -337,25 +343,24 @@ std::vector<Sums> run_backward(const T* g, const T* x, T* dx, const Geometry& ge
 // ---------------------------------------------------------------- layout and checks
 
 // The elements of x in memory order as a (outer, channels, inner) block. Dense tensors of
-// any stride order (channels_last included) are used in place; others are made contiguous.
+// any stride order (channels_last included) are used in place; others are copied first.
 struct Dense {
-  at::Tensor x;                  // dense input (x itself or a contiguous copy)
+  at::Tensor x;                  // dense input (x itself or a dense copy)
   std::vector<int64_t> perm;     // dims of x in memory order
   Geometry geo;
 };
 
 Dense make_dense(const at::Tensor& input, std::optional<int64_t> axis) {
   Dense d;
-  d.x = input.is_non_overlapping_and_dense() ? input : input.contiguous();
+  // Non-dense inputs are copied in the layout at::empty_like gives them, so that the output
+  // (allocated with at::empty_like(input)) and d.x always share strides.
+  d.x = input.is_non_overlapping_and_dense() ? input : input.contiguous(input.suggest_memory_format());
   const int64_t dim = d.x.dim();
   d.perm.resize(dim);
   std::iota(d.perm.begin(), d.perm.end(), 0);
   std::stable_sort(d.perm.begin(), d.perm.end(),
                    [&](int64_t a, int64_t b) { return d.x.stride(a) > d.x.stride(b); });
-  if (!d.x.permute(d.perm).is_contiguous()) {
-    d.x = input.contiguous();
-    std::iota(d.perm.begin(), d.perm.end(), 0);
-  }
+  TORCH_INTERNAL_ASSERT(d.x.permute(d.perm).is_contiguous(), "purecomp: a dense tensor is contiguous in stride order");
   if (!axis.has_value()) {
     d.geo.inner = d.x.numel();
     return d;
@@ -371,9 +376,11 @@ Dense make_dense(const at::Tensor& input, std::optional<int64_t> axis) {
   return d;
 }
 
-// A tensor with exactly the sizes and strides of the dense input.
-at::Tensor empty_like_dense(const Dense& d) {
-  return at::empty_strided(d.x.sizes(), d.x.strides(), d.x.options());
+// Output buffer: at::empty_like(input), which has the strides of d.x (see make_dense).
+at::Tensor empty_like_dense(const at::Tensor& input, const Dense& d) {
+  at::Tensor out = at::empty_like(input);
+  TORCH_INTERNAL_ASSERT(out.strides() == d.x.strides(), "purecomp: output and input layouts differ");
+  return out;
 }
 
 std::optional<int64_t> check_inputs(const at::Tensor& x, std::initializer_list<at::Tensor> params,
@@ -424,70 +431,6 @@ std::vector<float> layout_table(const std::vector<float>& per_channel, const Geo
   return out;
 }
 
-inline float sgn(float v) { return static_cast<float>((v > 0.f) - (v < 0.f)); }
-
-// ---------------------------------------------------------------- parameters
-// Same float32 operations, in the same order, as reference.py.
-
-struct SymParams {
-  std::vector<float> s, step, sign;
-};
-
-SymParams sym_params(const at::Tensor& scale, int64_t qh) {
-  const at::Tensor sc = scale.contiguous();
-  const float* p = sc.data_ptr<float>();
-  const int64_t C = sc.numel();
-  SymParams out{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
-  for (int64_t c = 0; c < C; ++c) {
-    out.s[c] = std::fabs(p[c]) + kEps;
-    out.step[c] = out.s[c] / static_cast<float>(qh);
-    out.sign[c] = sgn(p[c]);
-  }
-  return out;
-}
-
-struct AsymParams {
-  std::vector<float> low, range, step, zp, sign;
-};
-
-// reference.adjust_asymmetric_range followed by the straight-through recombination
-// low = raw_low + (adj_low - raw_low), range = raw_range + (adj_range - raw_range).
-AsymParams asym_params(const at::Tensor& input_low, const at::Tensor& input_range, int64_t levels) {
-  const at::Tensor lo_t = input_low.contiguous(), rg_t = input_range.contiguous();
-  const float* lo_p = lo_t.data_ptr<float>();
-  const float* rg_p = rg_t.data_ptr<float>();
-  const int64_t C = lo_t.numel();
-  const float n = static_cast<float>(levels);
-  AsymParams out;
-  for (auto* v : {&out.low, &out.range, &out.step, &out.zp, &out.sign}) v->resize(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const float raw_low = lo_p[c];
-    const float raw_range = std::fabs(rg_p[c]) + kEps;
-    const float l1 = std::min(raw_low, 0.f);
-    const float h1 = std::max(raw_low + raw_range, 0.f);
-    const float z = std::nearbyint(-l1 * n / (h1 - l1));
-    const bool interior = z > 0.f && z < n;
-    const float safe_z = interior ? z : 1.f;
-    const float t = (safe_z - n) / safe_z;
-    const float h2 = t * l1;
-    const float l2 = h1 / (interior ? t : -1.f);
-    const bool take_low_end = (h2 - l1) > (h1 - l2);
-    const float adj_low = (interior && !take_low_end) ? l2 : l1;
-    const float adj_high = (interior && take_low_end) ? h2 : h1;
-    const float adj_range = adj_high - adj_low;
-    const float low = raw_low + (adj_low - raw_low);
-    const float range = raw_range + (adj_range - raw_range);
-    const float step = range / n;
-    const float neg_low_steps = -low / step;
-    out.low[c] = low;
-    out.range[c] = range;
-    out.step[c] = step;
-    out.zp[c] = neg_low_steps + (std::nearbyint(neg_low_steps) - neg_low_steps);
-    out.sign[c] = sgn(rg_p[c]);
-  }
-  return out;
-}
-
 // ---------------------------------------------------------------- ops
 
 at::Tensor fake_quantize_symmetric(const at::Tensor& x, const at::Tensor& scale, int64_t quant_min,
@@ -495,7 +438,7 @@ at::Tensor fake_quantize_symmetric(const at::Tensor& x, const at::Tensor& scale,
   TORCH_CHECK(quant_min < quant_max && quant_max > 0, "purecomp fake quantize: need quant_min < quant_max and quant_max > 0");
   const auto a = check_inputs(x, {scale}, axis);
   const Dense d = make_dense(x, a);
-  at::Tensor out = empty_like_dense(d);
+  at::Tensor out = empty_like_dense(x, d);
   const SymParams prm = sym_params(scale, quant_max);
   const SymTable table{layout_table(prm.step, d.geo, 1.f), static_cast<float>(quant_min), static_cast<float>(quant_max)};
   dispatch_floating(x.scalar_type(), [&](auto tag) {
@@ -513,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_symmetric_backward(const at::Te
   check_grad(grad, x);
   const Dense d = make_dense(x, a);
   const at::Tensor g = grad.permute(d.perm).contiguous();
-  at::Tensor grad_x = empty_like_dense(d);
+  at::Tensor grad_x = empty_like_dense(x, d);
   const SymParams prm = sym_params(scale, quant_max);
   const SymTable table{layout_table(prm.step, d.geo, 1.f), static_cast<float>(quant_min), static_cast<float>(quant_max)};
   std::vector<Sums> sums;
@@ -537,7 +480,7 @@ at::Tensor fake_quantize_asymmetric(const at::Tensor& x, const at::Tensor& input
   TORCH_CHECK(levels > 0, "purecomp fake quantize: levels must be positive");
   const auto a = check_inputs(x, {input_low, input_range}, axis);
   const Dense d = make_dense(x, a);
-  at::Tensor out = empty_like_dense(d);
+  at::Tensor out = empty_like_dense(x, d);
   const AsymParams prm = asym_params(input_low, input_range, levels);
   const AsymTable table{layout_table(prm.low, d.geo, 0.f), layout_table(prm.step, d.geo, 1.f),
                         layout_table(prm.zp, d.geo, 0.f), static_cast<float>(levels)};
@@ -556,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_asymmetric_backward
   check_grad(grad, x);
   const Dense d = make_dense(x, a);
   const at::Tensor g = grad.permute(d.perm).contiguous();
-  at::Tensor grad_x = empty_like_dense(d);
+  at::Tensor grad_x = empty_like_dense(x, d);
   const AsymParams prm = asym_params(input_low, input_range, levels);
   const AsymTable table{layout_table(prm.low, d.geo, 0.f), layout_table(prm.step, d.geo, 1.f),
                         layout_table(prm.zp, d.geo, 0.f), static_cast<float>(levels)};
@@ -579,6 +522,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_asymmetric_backward
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- parameters
+// Same float32 operations, in the same order, as reference.py.
+
+namespace {
+inline float sgn(float v) { return static_cast<float>((v > 0.f) - (v < 0.f)); }
+}  // namespace
+
+SymParams sym_params(const at::Tensor& scale, int64_t qh) {
+  const at::Tensor sc = scale.contiguous();
+  const float* p = sc.data_ptr<float>();
+  const int64_t C = sc.numel();
+  SymParams out{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    out.s[c] = std::fabs(p[c]) + kEps;
+    out.step[c] = out.s[c] / static_cast<float>(qh);
+    out.sign[c] = sgn(p[c]);
+  }
+  return out;
+}
+
+// reference.adjust_asymmetric_range, then step = range / n and zp = round(-low / step).
+AsymParams asym_params(const at::Tensor& input_low, const at::Tensor& input_range, int64_t levels) {
+  const at::Tensor lo_t = input_low.contiguous(), rg_t = input_range.contiguous();
+  const float* lo_p = lo_t.data_ptr<float>();
+  const float* rg_p = rg_t.data_ptr<float>();
+  const int64_t C = lo_t.numel();
+  const float n = static_cast<float>(levels);
+  AsymParams out;
+  for (auto* v : {&out.low, &out.range, &out.step, &out.zp, &out.sign}) v->resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const float raw_low = lo_p[c];
+    const float raw_range = std::fabs(rg_p[c]) + kEps;
+    const float l1 = std::min(raw_low, 0.f);
+    const float h1 = std::max(raw_low + raw_range, 0.f);
+    const float z = std::nearbyint(-l1 * n / (h1 - l1));
+    const bool interior = z > 0.f && z < n;
+    const float safe_z = interior ? z : 1.f;
+    const float t = (safe_z - n) / safe_z;
+    const float h2 = t * l1;
+    const float l2 = h1 / (interior ? t : -1.f);
+    const bool take_low_end = (h2 - l1) > (h1 - l2);
+    const float adj_low = (interior && !take_low_end) ? l2 : l1;
+    const float adj_high = (interior && take_low_end) ? h2 : h1;
+    const float range = adj_high - adj_low;
+    const float step = range / n;
+    out.low[c] = adj_low;
+    out.range[c] = range;
+    out.step[c] = step;
+    out.zp[c] = std::nearbyint(-adj_low / step);
+    out.sign[c] = sgn(rg_p[c]);
+  }
+  return out;
+}
 
 TORCH_LIBRARY(purecomp, m) {
   // Fake (meta) kernels are registered from this Python module (torch.library.register_fake).
