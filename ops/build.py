@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from purecomp.errors import ConfigError, PurecompError
+from purecomp.errors import ConfigError, OpsBuildError
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ ENV_VAR = "PURECOMP_OPS"
 MODES = ("auto", "cpp", "reference")
 CSRC = Path(__file__).resolve().parent / "csrc"
 LIBRARY_NAME = "purecomp_ops"
-
-
-class OpsBuildError(PurecompError, RuntimeError):
-    """The C++ ops could not be built or loaded while ``PURECOMP_OPS=cpp`` requires them."""
 
 
 class _State:

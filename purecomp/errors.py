@@ -40,3 +40,7 @@ class StateError(PurecompError, ValueError):
 
 class CalibrationError(PurecompError, ValueError):
     """Calibration data is missing, empty, or not in a form the model accepts."""
+
+
+class OpsBuildError(PurecompError, RuntimeError):
+    """The C++ ops could not be built while ``PURECOMP_OPS=cpp`` requires them."""

@@ -154,19 +154,21 @@ class Interceptor(TorchFunctionMode):
             site, _, port = key.rpartition(":")
             table = self.input_fns if port.startswith("in") else self.output_fns
             table[site][int(port[2:] if port.startswith("in") else port[3:])] = fn
-        self.seen: set[str] = set()
+        # only calls in these scopes need a name (all of them while recording)
+        self.scopes_with_sites = {split_site(site)[0] for site in (*self.input_fns, *self.output_fns)}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if not self.scopes.active:
             return func(*args, **kwargs)
-        kind = op_kind(func)
         scope = self.scopes.current
+        if self.recorder is None and scope not in self.scopes_with_sites:
+            return func(*args, **kwargs)
+        kind = op_kind(func)
         key = (scope, kind)
         index = self.counts[key]
         self.counts[key] = index + 1
         site = site_name(scope, kind, index)
-        self.seen.add(site)
         in_fns = self.input_fns.get(site)
         if in_fns:
             args, kwargs = _transform_tensors((args, kwargs), in_fns)

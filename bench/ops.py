@@ -1,0 +1,179 @@
+"""Benchmark of the fake-quantize kernels (not a test; prints ratios measured in one run).
+
+For 256K and 4M float32 elements shaped like a conv activation (N, 64, 32, 32), 8 bits,
+per-tensor symmetric and per-channel (axis 1) asymmetric, times forward and forward+backward
+of: purecomp's C++ kernels (through the public router), the reference composite in eager and
+under ``torch.compile``, torch's learnable fake quantizers, and ``x.clone()`` as the memory
+bandwidth yardstick. Candidates alternate within each round; each figure is the median over
+rounds after a warm-up.
+
+The C++ forward+backward must move 2.5 clones' worth of bytes (forward reads x and writes out:
+one clone; backward reads grad and x and writes grad_x: 1.5 clones), so ``C++ / (2.5 clone)``
+says how close to the bandwidth bound it runs.
+
+Run: ``python bench/ops.py [--rounds 15] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from purecomp.ops import build, fake_quantize_asymmetric, fake_quantize_symmetric, record_paths
+from purecomp.ops.reference import (
+    fake_quantize_asymmetric_reference,
+    fake_quantize_symmetric_reference,
+)
+
+BITS = 8
+CHANNELS = 64
+SIZES = {"256K": (4, CHANNELS, 32, 32), "4M": (64, CHANNELS, 32, 32)}
+
+
+def _time(fn: Callable[[], object], repeat: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def _fwd_bwd(
+    forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], grad: torch.Tensor
+) -> Callable[[], object]:
+    def run() -> object:
+        out = forward(*inputs)
+        return torch.autograd.grad(out, inputs, grad)
+
+    return run
+
+
+def _candidates(
+    case: str, shape: tuple[int, ...]
+) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """name -> (forward, forward+backward) closures for one case."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    grad = torch.randn(shape)
+    xg = x.clone().requires_grad_()
+    if case == "sym per-tensor":
+        scale = torch.tensor([3.0])
+        sg = scale.clone().requires_grad_()
+
+        def cpp(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return fake_quantize_symmetric(x, s, bits=BITS, signed=True, narrow_range=False)
+
+        def ref(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return fake_quantize_symmetric_reference(
+                x, s, bits=BITS, signed=True, narrow_range=False
+            )
+
+        zero_point = torch.zeros(1)
+        step = scale / 127
+
+        def learnable(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, s, zero_point, -128, 127, 1.0
+            )
+
+        params, params_g, learn_params = (scale,), (sg,), (step.clone().requires_grad_(),)
+        learn_fwd = (step,)
+    else:
+        low, rng = torch.full((CHANNELS,), -2.0), torch.full((CHANNELS,), 5.0)
+        lg, rg = low.clone().requires_grad_(), rng.clone().requires_grad_()
+
+        def cpp(x: torch.Tensor, lo: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return fake_quantize_asymmetric(x, lo, r, bits=BITS, axis=1)
+
+        def ref(x: torch.Tensor, lo: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return fake_quantize_asymmetric_reference(x, lo, r, bits=BITS, axis=1)
+
+        step = rng / 255
+        zero_point = torch.round(-low / step)
+
+        def learnable(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return torch._fake_quantize_learnable_per_channel_affine(
+                x, s, zero_point, 1, 0, 255, 1.0
+            )
+
+        params, params_g, learn_params = (low, rng), (lg, rg), (step.clone().requires_grad_(),)
+        learn_fwd = (step,)
+    compiled = torch.compile(ref)
+    return {
+        "clone": (lambda: x.clone(), lambda: x.clone()),
+        "purecomp C++": (lambda: cpp(x, *params), _fwd_bwd(cpp, (xg, *params_g), grad)),
+        "reference eager": (lambda: ref(x, *params), _fwd_bwd(ref, (xg, *params_g), grad)),
+        "reference compiled": (
+            lambda: compiled(x, *params),
+            _fwd_bwd(compiled, (xg, *params_g), grad),
+        ),
+        "torch learnable": (
+            lambda: learnable(x, *learn_fwd),
+            _fwd_bwd(learnable, (xg, *learn_params), grad),
+        ),
+    }
+
+
+def measure(case: str, shape: tuple[int, ...], rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (forward, forward+backward) seconds per candidate, candidates alternated per round."""
+    candidates = _candidates(case, shape)
+    numel = torch.Size(shape).numel()
+    repeat = max(3, (1 << 24) // numel)  # ~16M elements per measurement
+    for fwd, both in candidates.values():  # warm-up (compiles, builds, caches)
+        for _ in range(3):
+            fwd()
+            both()
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in candidates}
+    for _ in range(rounds):
+        for name, (fwd, both) in candidates.items():
+            samples[name][0].append(_time(fwd, repeat))
+            samples[name][1].append(_time(both, repeat))
+    return {name: (statistics.median(f), statistics.median(b)) for name, (f, b) in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not build.cpp_available():
+        raise SystemExit(f"purecomp C++ ops unavailable: {build.build_error()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, median of {args.rounds} rounds\n"
+    )
+    header = f"{'case':<16} {'size':<5} {'candidate':<19} {'fwd us':>9} {'fwd+bwd us':>11}"
+    for case in ("sym per-tensor", "asym per-channel"):
+        for size, shape in SIZES.items():
+            with record_paths() as paths:
+                times = measure(case, shape, args.rounds)
+            assert "cpp" in paths, "the C++ kernels did not run"
+            print(header)
+            for name, (fwd, both) in times.items():
+                print(f"{case:<16} {size:<5} {name:<19} {fwd * 1e6:>9.1f} {both * 1e6:>11.1f}")
+            cpp_f, cpp_b = times["purecomp C++"]
+            clone = times["clone"][0]
+            print(f"  C++ fwd / clone                    {cpp_f / clone:6.2f}   (bound: 1.0)")
+            print(
+                f"  C++ fwd+bwd / (2.5 x clone)        {cpp_b / (2.5 * clone):6.2f}   (bound: 1.0)"
+            )
+            print(
+                f"  torch learnable / C++  fwd, fwd+bwd {times['torch learnable'][0] / cpp_f:6.2f}x "
+                f"{times['torch learnable'][1] / cpp_b:6.2f}x  (target >= 5x)"
+            )
+            print(
+                f"  compiled ref / C++     fwd, fwd+bwd {times['reference compiled'][0] / cpp_f:6.2f}x "
+                f"{times['reference compiled'][1] / cpp_b:6.2f}x  (target >= 1x)"
+            )
+            print(
+                f"  eager ref / C++        fwd, fwd+bwd {times['reference eager'][0] / cpp_f:6.2f}x "
+                f"{times['reference eager'][1] / cpp_b:6.2f}x\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
