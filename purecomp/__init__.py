@@ -3,11 +3,13 @@
 from . import errors
 from .apply import apply, compile_apply
 from .batchnorm import adapt_batchnorm
-from .compression import Compression, Progress, chain, identity
+from . import schedules
+from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
 from .stats import statistics, trainable
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
+from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
 
 __all__ = [
     "Compression",
@@ -23,12 +25,17 @@ __all__ = [
     "apply",
     "compile_apply",
     "chain",
+    "const_sparsity",
     "errors",
     "from_config",
     "identity",
     "load_config",
+    "magnitude_sparsity",
     "quantization",
+    "rb_sparsity",
+    "schedules",
     "statistics",
     "trace",
     "trainable",
+    "with_training",
 ]

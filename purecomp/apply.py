@@ -21,6 +21,8 @@ from torch.func import functional_call
 from .graph import flatten_inputs
 from .intercept import Interceptor, ScopeStack, SiteFn
 
+from .compression import with_training
+
 if TYPE_CHECKING:
     from .compression import Compression
 
@@ -74,7 +76,10 @@ def apply(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """Run ``model`` on ``args`` with ``method``'s weight transform and activation transforms."""
+    """Run ``model`` on ``args`` with ``method``'s weight transform and activation transforms.
+
+    Stochastic parts of the state (RB sparsity gates) follow ``model.training``."""
+    state = with_training(state, model.training)
     return call_with_sites(model, method.params(params, state), method.sites(state), args, kwargs)
 
 
@@ -87,6 +92,7 @@ def compile_apply(model: nn.Module, method: Compression, **compile_kwargs: Any) 
     """
 
     def call(params: Mapping[str, Tensor], state: Any, args: tuple, kwargs: dict) -> Any:
+        state = with_training(state, model.training)
         args, kwargs = _transform_inputs(args, kwargs, _input_sites(method.sites(state)))
         return functional_call(model, method.params(params, state), args, kwargs)
 

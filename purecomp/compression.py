@@ -44,14 +44,16 @@ class Compression(NamedTuple):
     - ``params(params, state) -> params``: the weight-side transform.
     - ``sites(state) -> {key: fn}``: activation transforms at call sites.
     - ``loss(params, state) -> scalar``: the compression loss to add to the task loss.
-    - ``step(state, progress) -> state``: the scheduler.
+    - ``step(state, progress, params=None) -> state``: the scheduler. Methods whose state
+      depends on the weights (magnitude masks, pruned filters) recompute it from ``params``
+      when their level changes, and raise ``StateError`` if ``params`` is missing then.
     """
 
     init: Callable[[ModelGraph, Params, Iterable[Any] | None], Any]
     params: Callable[[Params, Any], dict[str, Tensor]]
     sites: Callable[[Any], dict[str, SiteFn]]
     loss: Callable[[Params, Any], Tensor]
-    step: Callable[[Any, Progress], Any]
+    step: Callable[..., Any]
     name: str = "compression"
 
 
@@ -77,7 +79,7 @@ def identity() -> Compression:
         params=lambda params, state: dict(params),
         sites=lambda state: {},
         loss=lambda params, state: torch.zeros(()),
-        step=lambda state, progress: state,
+        step=lambda state, progress, params=None: state,
         name="identity",
     )
 
@@ -122,7 +124,21 @@ def chain(*methods: Compression) -> Compression:
             total = total + method.loss(params, s)
         return total
 
-    def step(state: tuple, progress: Progress) -> tuple:
-        return tuple(method.step(s, progress) for method, s in zip(methods, state))
+    def step(state: tuple, progress: Progress, params: Params | None = None) -> tuple:
+        return tuple(method.step(s, progress, params) for method, s in zip(methods, state))
 
     return Compression(init, params_fn, sites, loss, step, name="+".join(m.name for m in methods))
+
+
+def with_training(state: Any, training: bool) -> Any:
+    """``state`` with every struct's static ``training`` flag set (stochastic parts such as RB
+    gates sample only in training); structs without the flag are returned as they are."""
+    if isinstance(state, tuple):
+        return tuple(with_training(s, training) for s in state)
+    if isinstance(state, list):
+        return [with_training(s, training) for s in state]
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        names = {f.name for f in dataclasses.fields(state)}
+        if "training" in names and state.training != training:
+            return dataclasses.replace(state, training=training)
+    return state

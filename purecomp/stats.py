@@ -1,4 +1,4 @@
-"""``purecomp.statistics``: a printable table of the quantizers (and later, masks) in a state."""
+"""``purecomp.statistics``: printable tables of the quantizers and sparsity masks in a state."""
 
 from __future__ import annotations
 
@@ -29,6 +29,22 @@ class Table:
         return len(self.rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Named tables; ``report["quantizers"]``, ``str(report)`` prints the non-empty ones."""
+
+    tables: tuple[Table, ...]
+
+    def __getitem__(self, title: str) -> Table:
+        for table in self.tables:
+            if table.title == title:
+                return table
+        raise KeyError(f"no table {title!r}; the report has {[t.title for t in self.tables]}")
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(t) for t in self.tables if t.rows) or "(no compression)"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -55,7 +71,7 @@ def _quantizer_rows(state: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _states(state: Any, cls: type) -> list[Any]:
+def _states(state: Any, cls: type | tuple[type, ...]) -> list[Any]:
     """Every instance of ``cls`` in a (possibly chained) state tree."""
     if isinstance(state, cls):
         return [state]
@@ -64,12 +80,19 @@ def _states(state: Any, cls: type) -> list[Any]:
     return []
 
 
-def statistics(graph: Any, state: Any) -> Table:
-    """A table of every quantizer: key, weight/activation, bits, mode, per-channel, signedness, range."""
+def statistics(graph: Any, state: Any) -> Report:
+    """Tables of every quantizer (key, weight/activation, bits, mode, per-channel, signedness,
+    range) and of every sparsified weight (actual level against the schedule's target)."""
     from purecomp.transforms.quantize import QuantizationState
+    from purecomp.transforms.sparsity import ConstSparsityState, MagnitudeSparsityState, RBSparsityState
 
-    rows = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
-    return Table("quantizers", tuple(rows))
+    quant = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
+    sparse = [
+        {"method": type(s).__name__.replace("State", ""), **row}
+        for s in _states(state, (MagnitudeSparsityState, RBSparsityState, ConstSparsityState))
+        for row in s.rows()
+    ]
+    return Report((Table("quantizers", tuple(quant)), Table("sparsity", tuple(sparse))))
 
 
 def trainable(state: Any) -> list[Any]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from purecomp.apply import _input_sites, _transform_inputs, intercepting
+from purecomp.compression import with_training
 from purecomp.errors import StateError
 from purecomp.graph import ModelGraph, TensorRef
 from purecomp.ops import adjust_asymmetric_range
@@ -145,6 +146,7 @@ def materialize(
     ``graph`` (from ``purecomp.trace``) enables BatchNorm folding, which ONNX runtimes need to
     fuse convolutions into integer kernels. The user's model is not modified.
     """
+    state = with_training(state, False)
     qstate = _quantization_state(state)
     sites = method.sites(state)
     known = set(qstate.activations) if qstate else set()

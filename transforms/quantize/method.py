@@ -178,7 +178,7 @@ def quantization(
     def loss(params: Mapping[str, Tensor], state: QuantizationState) -> Tensor:
         return torch.zeros(())
 
-    def step(state: QuantizationState, progress: Progress) -> QuantizationState:
+    def step(state: QuantizationState, progress: Progress, params: Any = None) -> QuantizationState:
         return state
 
     return Compression(init, params_fn, sites, loss, step, name="quantization")

@@ -1,0 +1,124 @@
+"""Compression-level schedules: pure functions of training progress (in the spirit of optax).
+
+A schedule maps a ``Progress`` to a level in [0, 1) (the fraction of weights removed). The
+adaptive schedule also reads the measured compression loss, so it is a small state machine:
+``AdaptiveLevel`` is its immutable state and ``adaptive_step`` its transition.
+
+Progress is counted in epochs: the integer epoch, or with ``update_per_optimizer_step`` the
+fractional epoch ``epoch + step_in_epoch / steps_per_epoch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+from .compression import Progress
+from .errors import ConfigError
+
+Schedule = Callable[[Progress], float]
+
+
+def _check_level(name: str, value: float, path: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{path}{name}", f"expected a level in [0, 1), got {value!r}")
+
+
+def _epochs(progress: Progress, per_step: bool, steps_per_epoch: int | None = None) -> float:
+    """Epochs done: the integer epoch, or with ``per_step`` the fractional one (optimizer steps
+    over ``steps_per_epoch``, taken from the config when given, else from ``progress``)."""
+    if not per_step:
+        return float(progress.epoch)
+    if steps_per_epoch:
+        return progress.step / steps_per_epoch
+    return progress.fractional_epoch
+
+
+def polynomial(
+    init: float, target: float, target_epoch: int, power: float = 3.0, concave: bool = True,
+    update_per_optimizer_step: bool = False, steps_per_epoch: int | None = None, path: str = "",
+) -> Schedule:
+    """``t = min(1, e / target_epoch)``; concave: ``init + (target - init) (1 - (1 - t)^p)``,
+    convex: ``init + (target - init) t^p``. Reaches ``target`` at ``target_epoch``."""
+    _check_level("sparsity_init", init, path)
+    _check_level("sparsity_target", target, path)
+    if target_epoch < 1:
+        raise ConfigError(f"{path}sparsity_target_epoch", f"expected an epoch >= 1, got {target_epoch}")
+    if power <= 0:
+        raise ConfigError(f"{path}power", f"expected a positive power, got {power}")
+
+    def level(progress: Progress) -> float:
+        t = min(1.0, max(0.0, _epochs(progress, update_per_optimizer_step, steps_per_epoch) / target_epoch))
+        shape = 1.0 - (1.0 - t) ** power if concave else t**power
+        return init + (target - init) * shape
+
+    return level
+
+
+def exponential(
+    init: float, target: float, target_epoch: int, update_per_optimizer_step: bool = False,
+    steps_per_epoch: int | None = None, path: str = "",
+) -> Schedule:
+    """Density decays exponentially: ``1 - level = (1 - init) exp(-k e)`` with ``k`` such that the
+    level is ``target`` at ``target_epoch``; constant afterwards."""
+    _check_level("sparsity_init", init, path)
+    _check_level("sparsity_target", target, path)
+    if target_epoch < 1:
+        raise ConfigError(f"{path}sparsity_target_epoch", f"expected an epoch >= 1, got {target_epoch}")
+    k = math.log((1.0 - init) / (1.0 - target)) / target_epoch
+
+    def level(progress: Progress) -> float:
+        e = min(float(target_epoch), _epochs(progress, update_per_optimizer_step, steps_per_epoch))
+        value = 1.0 - (1.0 - init) * math.exp(-k * e)
+        return target if e >= target_epoch else value
+
+    return level
+
+
+def multistep(steps: Sequence[int], levels: Sequence[float], path: str = "") -> Schedule:
+    """``levels[i]`` from epoch ``steps[i-1]`` on (``levels[0]`` before the first step)."""
+    if len(levels) != len(steps) + 1:
+        raise ConfigError(
+            f"{path}multistep_sparsity_levels",
+            f"expected {len(steps) + 1} levels for {len(steps)} multistep_steps, got {len(levels)}",
+        )
+    if list(steps) != sorted(steps) or len(set(steps)) != len(steps):
+        raise ConfigError(f"{path}multistep_steps", f"expected strictly increasing epochs, got {list(steps)}")
+    for i, value in enumerate(levels):
+        _check_level(f"multistep_sparsity_levels[{i}]", value, path)
+
+    def level(progress: Progress) -> float:
+        return levels[sum(1 for s in steps if progress.epoch >= s)]
+
+    return level
+
+
+def constant(value: float, path: str = "") -> Schedule:
+    _check_level("sparsity_target", value, path)
+    return lambda progress: value
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveLevel:
+    """State of the adaptive schedule: the current level and epochs spent close to it."""
+
+    level: float
+    patience_left: int
+
+
+def adaptive_step(
+    state: AdaptiveLevel, measured_loss: float, *, target: float, patience: int, step: float = 0.05, eps: float = 1e-2
+) -> AdaptiveLevel:
+    """One epoch of the adaptive schedule: when the compression loss stayed below ``eps`` for
+    ``patience`` epochs (the model reached the current level), raise the level by ``step``
+    up to ``target``."""
+    if measured_loss >= eps:
+        return AdaptiveLevel(state.level, patience)
+    left = state.patience_left - 1
+    if left > 0:
+        return AdaptiveLevel(state.level, left)
+    return AdaptiveLevel(min(target, state.level + step), patience)
+
+
+SCHEDULES = ("polynomial", "exponential", "multistep", "adaptive")

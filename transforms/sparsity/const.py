@@ -1,0 +1,46 @@
+"""Constant sparsity: keep the zeros a model already has while fine-tuning it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from purecomp.compression import Compression
+from purecomp.graph import ModelGraph
+from purecomp.struct import struct
+
+from .common import apply_masks, level_rows, sparsified_weights, zero_fraction
+
+
+@struct
+class ConstSparsityState:
+    """``masks[name] = [w != 0]`` taken at init."""
+
+    masks: dict[str, Tensor]
+
+    def rows(self) -> list[dict]:
+        total = sum(m.numel() for m in self.masks.values())
+        zeros = sum(zero_fraction(m) * m.numel() for m in self.masks.values())
+        return level_rows(self.masks, zeros / max(1, total))
+
+
+def const_sparsity(
+    *, ignored_scopes: Sequence[str] = (), target_scopes: Sequence[str] | None = None, origin: str = ""
+) -> Compression:
+    """Masks from the zeros of the weights at init; training cannot make them non-zero."""
+
+    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> ConstSparsityState:
+        names = sparsified_weights(graph, ignored_scopes, target_scopes, origin)
+        return ConstSparsityState({n: (params[n].detach() != 0).to(params[n].dtype) for n in names})
+
+    return Compression(
+        init=init,
+        params=lambda params, state: apply_masks(params, state.masks),
+        sites=lambda state: {},
+        loss=lambda params, state: torch.zeros(()),
+        step=lambda state, progress, params=None: state,
+        name="const_sparsity",
+    )

@@ -1,0 +1,106 @@
+"""Magnitude sparsity: zero the weights of least importance, level set by a schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from purecomp.compression import Compression, Progress
+from purecomp.errors import ConfigError, StateError
+from purecomp.graph import ModelGraph
+from purecomp.schedules import Schedule, constant
+from purecomp.struct import replace, static_field, struct
+
+from .common import apply_masks, keep_largest, level_rows, sparsified_weights
+
+IMPORTANCES = ("abs", "normed_abs")
+LEVEL_MODES = ("global", "local")
+
+
+@struct
+class MagnitudeSparsityState:
+    """0/1 masks by weight name; ``level`` is the schedule's level they were computed for."""
+
+    masks: dict[str, Tensor]
+    level: float = static_field()
+    frozen: bool = static_field(default=False)
+
+    def rows(self) -> list[dict]:
+        return level_rows(self.masks, self.level)
+
+
+def importance(weight: Tensor, kind: str) -> Tensor:
+    """``|w|`` (abs) or ``|w| / ||w||_2`` (normed_abs: comparable across layers)."""
+    magnitude = weight.detach().abs().float()
+    if kind == "normed_abs":
+        return magnitude / weight.detach().float().norm().clamp(min=1e-12)
+    return magnitude
+
+
+def magnitude_masks(params: Mapping[str, Tensor], names: Sequence[str], level: float, kind: str, mode: str) -> dict[str, Tensor]:
+    """Masks meeting ``level`` exactly: over all weights at once (global) or in each weight (local)."""
+    scores = {n: importance(params[n], kind) for n in names}
+    if mode == "local":
+        return {n: keep_largest(s, level).to(params[n].dtype) for n, s in scores.items()}
+    flat = keep_largest(torch.cat([s.reshape(-1) for s in scores.values()]), level)
+    masks, offset = {}, 0
+    for n, s in scores.items():
+        masks[n] = flat[offset: offset + s.numel()].reshape(s.shape).to(params[n].dtype)
+        offset += s.numel()
+    return masks
+
+
+def magnitude_sparsity(
+    schedule: Schedule | float = 0.5,
+    *,
+    weight_importance: str = "normed_abs",
+    level_mode: str = "global",
+    freeze_epoch: int | None = None,
+    ignored_scopes: Sequence[str] = (),
+    target_scopes: Sequence[str] | None = None,
+    origin: str = "",
+) -> Compression:
+    """Zero the fraction ``schedule(progress)`` of weights with the smallest importance.
+
+    ``schedule`` is a function of ``Progress`` (``purecomp.schedules``) or a constant level.
+    Masks are recomputed from the current weights by ``step(state, progress, params)`` when
+    the level changes, and kept fixed from ``freeze_epoch`` on.
+    """
+    if weight_importance not in IMPORTANCES:
+        raise ConfigError(f"{origin}weight_importance", f"expected one of {list(IMPORTANCES)}, got {weight_importance!r}")
+    if level_mode not in LEVEL_MODES:
+        raise ConfigError(f"{origin}sparsity_level_setting_mode", f"expected one of {list(LEVEL_MODES)}, got {level_mode!r}")
+    level_of = constant(schedule, origin) if isinstance(schedule, (int, float)) else schedule
+
+    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> MagnitudeSparsityState:
+        names = sparsified_weights(graph, ignored_scopes, target_scopes, origin)
+        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
+        level = level_of(Progress())
+        return MagnitudeSparsityState(magnitude_masks(source, names, level, weight_importance, level_mode), level)
+
+    def step(state: MagnitudeSparsityState, progress: Progress, params: Mapping[str, Tensor] | None = None) -> MagnitudeSparsityState:
+        if state.frozen:
+            return state
+        frozen = freeze_epoch is not None and progress.epoch >= freeze_epoch
+        level = level_of(progress)
+        if level == state.level:
+            return replace(state, frozen=frozen) if frozen else state
+        if params is None:
+            raise StateError(
+                f"magnitude sparsity moves to level {level:.4f}: pass the current weights, "
+                "method.step(state, progress, params)"
+            )
+        masks = magnitude_masks(params, list(state.masks), level, weight_importance, level_mode)
+        return MagnitudeSparsityState(masks, level, frozen)
+
+    return Compression(
+        init=init,
+        params=lambda params, state: apply_masks(params, state.masks),
+        sites=lambda state: {},
+        loss=lambda params, state: torch.zeros(()),
+        step=step,
+        name="magnitude_sparsity",
+    )
