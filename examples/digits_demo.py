@@ -1,23 +1,35 @@
-"""The main demo: train a small CNN on digits, INT8 QAT it with purecomp, export ONNX, compare.
+"""The main demo: train a small CNN on digits, compress it with purecomp (INT8 QAT; INT8 QAT
+stacked with 50% magnitude sparsity), export ONNX, compare.
 
     python examples/digits_demo.py [--dataset digits|mnist] [--epochs 30] [--qat-epochs 5] [--out DIR]
 
-Prints the quantizer table, then accuracy (PyTorch and ONNX Runtime), ONNX file size and
-ONNX Runtime latency (batch 1, median, FP32 and INT8 alternated) for the FP32 and INT8 models.
+Prints the compression tables, then accuracy (PyTorch and ONNX Runtime), ONNX file size and
+ONNX Runtime latency (batch 1, median, models alternated) for the FP32 and compressed models.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from sparsity_digits import finetune
 
 import purecomp as pc
-from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, onnx_latencies, train_epochs
 from purecomp import export
+
+from common import (
+    accuracy,
+    digits_cnn,
+    load_dataset,
+    loader,
+    onnx_accuracy,
+    onnx_latencies,
+    train_epochs,
+)
 
 
 def main() -> None:
@@ -25,6 +37,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
     ap.add_argument("--epochs", type=int, default=30, help="FP32 training epochs")
     ap.add_argument("--qat-epochs", type=int, default=5, help="INT8 fine-tuning epochs")
+    ap.add_argument("--sparse-epochs", type=int, default=12, help="INT8 + 50%% sparsity fine-tuning epochs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="where to write the ONNX files (default: a temporary directory)")
     args = ap.parse_args()
@@ -56,6 +69,7 @@ def main() -> None:
     model.eval()
     int8_init = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
 
+    sparse_model = copy.deepcopy(model)  # the sparse run starts from the same FP32 weights
     model.train()
     trainable = [p for p in params.values() if p.requires_grad] + pc.trainable(state)
     train_epochs(lambda x: pc.apply(model, method, params, state, x), trainable, train,
@@ -64,10 +78,23 @@ def main() -> None:
     int8 = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
 
     int8_path = export.to_onnx(model, method, params, state, (example,), out_dir / "digits_int8.onnx")
-    onnx_fp32, onnx_int8 = onnx_accuracy(fp32_path, test), onnx_accuracy(int8_path, test)
-    latency = onnx_latencies({"fp32": fp32_path, "int8": int8_path}, example[:1])
+
+    level = pc.schedules.polynomial(0.0, 0.5, max(1, args.sparse_epochs // 3), update_per_optimizer_step=True)
+    sparse_method = pc.chain(pc.magnitude_sparsity(level, freeze_epoch=max(1, args.sparse_epochs // 2)),
+                             pc.quantization(weights=dict(mode="symmetric", bits=8, per_channel=True),
+                                             activations=dict(mode="asymmetric", bits=8),
+                                             range_init=pc.RangeInit(num_init_samples=512)))
+    sparse_graph, sparse_params, sparse_state = finetune(
+        sparse_model, sparse_method, train, args.sparse_epochs, 3e-4, 0.0, 0.0, "INT8 + 50% sparsity")
+    sparse = accuracy(lambda x: pc.apply(sparse_model, sparse_method, sparse_params, sparse_state, x), test)
+    sparse_path = export.to_onnx(sparse_model, sparse_method, sparse_params, sparse_state, (example,),
+                                 out_dir / "digits_int8_sparse50.onnx")
+    onnx_fp32, onnx_int8, onnx_sparse = (onnx_accuracy(p, test) for p in (fp32_path, int8_path, sparse_path))
+    latency = onnx_latencies({"fp32": fp32_path, "int8": int8_path, "sparse": sparse_path}, example[:1])
 
     print(pc.statistics(graph, state))
+    print()
+    print(pc.statistics(sparse_graph, sparse_state)["sparsity"])
     print()
     print(f"dataset: {args.dataset} ({len(train_set)} train / {len(test_set)} test images); ONNX files in {out_dir}")
     header = f"{'model':<24}{'PyTorch acc %':>14}{'ONNX acc %':>12}{'ONNX KiB':>10}{'ORT ms (b=1)':>14}"
@@ -76,8 +103,9 @@ def main() -> None:
     print(f"{'FP32':<24}{fp32:>14.2f}{onnx_fp32:>12.2f}{fp32_path.stat().st_size / 1024:>10.1f}{latency['fp32']:>14.3f}")
     print(f"{'INT8 after range init':<24}{int8_init:>14.2f}{'':>12}{'':>10}{'':>14}")
     print(f"{'INT8 after QAT':<24}{int8:>14.2f}{onnx_int8:>12.2f}{int8_path.stat().st_size / 1024:>10.1f}{latency['int8']:>14.3f}")
-    print(f"accuracy drop FP32 -> INT8 QAT: {fp32 - int8:+.2f} points (ONNX Runtime: {onnx_fp32 - onnx_int8:+.2f}); "
-          f"time {time.perf_counter() - started:.0f} s")
+    print(f"{'INT8 + 50% sparsity':<24}{sparse:>14.2f}{onnx_sparse:>12.2f}{sparse_path.stat().st_size / 1024:>10.1f}{latency['sparse']:>14.3f}")
+    print(f"accuracy drop from FP32: INT8 {fp32 - int8:+.2f} points, INT8 + 50% sparsity {fp32 - sparse:+.2f} points "
+          f"(ONNX Runtime: {onnx_fp32 - onnx_int8:+.2f}, {onnx_fp32 - onnx_sparse:+.2f}); time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import purecomp as pc
-from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
 from purecomp import export
+
+from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
 
 
 def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc):

@@ -1,9 +1,8 @@
 """purecomp: neural-network compression for PyTorch as pure transforms."""
 
-from . import errors
+from . import errors, export, schedules
 from .apply import apply, compile_apply
 from .batchnorm import adapt_batchnorm
-from . import schedules
 from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
@@ -27,6 +26,7 @@ __all__ = [
     "chain",
     "const_sparsity",
     "errors",
+    "export",
     "from_config",
     "identity",
     "load_config",

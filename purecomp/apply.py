@@ -18,10 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .compression import with_training
 from .graph import flatten_inputs
 from .intercept import Interceptor, ScopeStack, SiteFn
-
-from .compression import with_training
 
 if TYPE_CHECKING:
     from .compression import Compression

@@ -87,7 +87,11 @@ def register_algorithm(name: str, builder: AlgorithmBuilder) -> None:
 
 def _register_builtins() -> None:
     from purecomp.transforms.quantize.from_config import quantization_from_config
-    from purecomp.transforms.sparsity.from_config import const_from_config, magnitude_from_config, rb_from_config
+    from purecomp.transforms.sparsity.from_config import (
+        const_from_config,
+        magnitude_from_config,
+        rb_from_config,
+    )
 
     ALGORITHMS.setdefault("quantization", quantization_from_config)
     ALGORITHMS.setdefault("magnitude_sparsity", magnitude_from_config)

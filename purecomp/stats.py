@@ -84,7 +84,11 @@ def statistics(graph: Any, state: Any) -> Report:
     """Tables of every quantizer (key, weight/activation, bits, mode, per-channel, signedness,
     range) and of every sparsified weight (actual level against the schedule's target)."""
     from purecomp.transforms.quantize import QuantizationState
-    from purecomp.transforms.sparsity import ConstSparsityState, MagnitudeSparsityState, RBSparsityState
+    from purecomp.transforms.sparsity import (
+        ConstSparsityState,
+        MagnitudeSparsityState,
+        RBSparsityState,
+    )
 
     quant = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
     sparse = [

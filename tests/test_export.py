@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import purecomp as pc
-from models import tiny_bert, torchvision_model
 from purecomp import export
+
+from models import tiny_bert, torchvision_model
 
 
 def quantized(model, args, kwargs=None, data=None, **settings):
@@ -127,6 +128,9 @@ def test_torchvision_exports_run_in_onnxruntime(name, tmp_path):
     if name == "mobilenet_v2":  # uint8 activations everywhere: every conv and residual add fuses
         assert counts["Conv"] == 0 and counts["QLinearAdd"] == 10
     assert int8_initializers(path)
+    with torch.no_grad():
+        expected = pc.apply(model, method, params, state, x)
+    _openvino_matches(path, (x,), expected, result.output_step)
 
 
 @pytest.mark.slow

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import purecomp as pc
-from models import torchvision_model
 from purecomp import export
 from purecomp.errors import ConfigError, StateError
 from purecomp.transforms.sparsity import RBSparsityState, magnitude_masks
+
+from models import torchvision_model
 
 
 def small_net() -> nn.Module:
