@@ -6,7 +6,8 @@ from .batchnorm import adapt_batchnorm
 from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
-from .stats import statistics, trainable
+from .stats import model_cost, pruning_cost, statistics, trainable
+from .transforms.prune import filter_pruning
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
 
@@ -26,11 +27,14 @@ __all__ = [
     "chain",
     "const_sparsity",
     "errors",
+    "filter_pruning",
     "export",
     "from_config",
     "identity",
     "load_config",
     "magnitude_sparsity",
+    "model_cost",
+    "pruning_cost",
     "quantization",
     "rb_sparsity",
     "schedules",

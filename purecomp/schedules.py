@@ -122,3 +122,83 @@ def adaptive_step(
 
 
 SCHEDULES = ("polynomial", "exponential", "multistep", "adaptive")
+
+
+# ------------------------------------------------------------------ filter pruning (NNCF semantics)
+#
+# Level 0 during the ``num_init_steps`` warm-up epochs; then, counting ``t = epoch - num_init_steps``,
+# the schedule moves from ``init`` to ``target`` over ``pruning_steps`` epochs and stays there.
+
+PRUNING_SCHEDULES = ("baseline", "exponential", "exponential_with_bias")
+
+
+def check_pruning_levels(init: float, target: float, num_init_steps: int, pruning_steps: int, path: str) -> None:
+    """Raise ``ConfigError`` (naming the key under ``path``) for levels outside [0, 1), ``init > target``
+    or negative epoch counts."""
+    if not 0.0 <= init < 1.0:
+        raise ConfigError(f"{path}pruning_init", f"expected a level in [0, 1), got {init!r}")
+    if not 0.0 <= target < 1.0:
+        raise ConfigError(f"{path}params.pruning_target", f"expected a level in [0, 1), got {target!r}")
+    if init > target:
+        raise ConfigError(f"{path}pruning_init", f"expected pruning_init <= pruning_target ({target}), got {init}")
+    if num_init_steps < 0:
+        raise ConfigError(f"{path}params.num_init_steps", f"expected an epoch count >= 0, got {num_init_steps}")
+    if pruning_steps < 1:
+        raise ConfigError(f"{path}params.pruning_steps", f"expected an epoch count >= 1, got {pruning_steps}")
+
+
+def _warmed(level: Callable[[int], float], num_init_steps: int) -> Schedule:
+    return lambda progress: 0.0 if progress.epoch < num_init_steps else level(progress.epoch - num_init_steps)
+
+
+def pruning_baseline(target: float, num_init_steps: int = 0, path: str = "") -> Schedule:
+    """0 for ``num_init_steps`` epochs, then ``target``."""
+    check_pruning_levels(0.0, target, num_init_steps, 1, path)
+    return _warmed(lambda t: target, num_init_steps)
+
+
+def pruning_exponential(init: float, target: float, num_init_steps: int = 0, pruning_steps: int = 100, path: str = "") -> Schedule:
+    """Density ``1 - level`` decays exponentially from ``1 - init`` (t = 0) to ``1 - target``
+    (t = pruning_steps - 1): ``exponential`` shifted by the warm-up."""
+    check_pruning_levels(init, target, num_init_steps, pruning_steps, path)
+    if pruning_steps < 2 or init == target:
+        return _warmed(lambda t: target, num_init_steps)
+    inner = exponential(init, target, pruning_steps - 1, path=path)
+    return _warmed(lambda t: min(target, inner(Progress(epoch=t))), num_init_steps)
+
+
+def exponential_with_bias_coefficients(init: float, target: float, pruning_steps: int, d: float = 0.125, path: str = "") -> tuple[float, float, float]:
+    """``(a, b, k)`` of ``level(t) = a exp(-k t) + b`` with ``level(0) = init``,
+    ``level(T) = target`` and ``level(d T) = 3/4 target`` (T = ``pruning_steps``; SFP paper).
+
+    With ``y = exp(d k T)`` (``d = 1/8``) the system gives
+    ``(1 - 1/y) / (1 - y^-8) = (3/4 target - init) / (target - init)``; the left side rises from
+    1/8 to 1 on ``y > 1``, so a root exists when ``init < 5/7 target``; bisection finds it. (For
+    ``init = 0`` this is NNCF's ``y/3 + y^-7 = 4/3``; NNCF keeps that equation for any ``init``,
+    which stops short of ``target``; the general system reaches it.)"""
+    if target == init:
+        return 0.0, target, 0.0
+    if not init < 5 / 7 * target:
+        raise ConfigError(
+            f"{path}pruning_init",
+            f"exponential_with_bias needs pruning_init < 5/7 pruning_target ({5 / 7 * target:.4g}), got {init}",
+        )
+    ratio = (0.75 * target - init) / (target - init)
+    h = lambda y: (1 - 1 / y) / (1 - y**-8)  # noqa: E731
+    lo, hi = 1.0 + 1e-12, 2.0
+    while h(hi) < ratio:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if h(mid) < ratio else (lo, mid)
+    y = 0.5 * (lo + hi)
+    k = math.log(y) / (d * pruning_steps)
+    a = (target - init) / (y**-8 - 1)
+    return a, init - a, k
+
+
+def pruning_exponential_with_bias(init: float, target: float, num_init_steps: int = 0, pruning_steps: int = 100, path: str = "") -> Schedule:
+    """``min(target, a exp(-k t) + b)``; see ``exponential_with_bias_coefficients``."""
+    check_pruning_levels(init, target, num_init_steps, pruning_steps, path)
+    a, b, k = exponential_with_bias_coefficients(init, target, pruning_steps, path=path)
+    return _warmed(lambda t: min(target, a * math.exp(-k * t) + b), num_init_steps)

@@ -82,7 +82,8 @@ def _states(state: Any, cls: type | tuple[type, ...]) -> list[Any]:
 
 def statistics(graph: Any, state: Any) -> Report:
     """Tables of every quantizer (key, weight/activation, bits, mode, per-channel, signedness,
-    range) and of every sparsified weight (actual level against the schedule's target)."""
+    range), of every sparsified weight (actual level against the schedule's target) and of
+    every filter-pruning group (channels, pruned channels)."""
     from purecomp.transforms.quantize import QuantizationState
     from purecomp.transforms.sparsity import (
         ConstSparsityState,
@@ -91,15 +92,41 @@ def statistics(graph: Any, state: Any) -> Report:
     )
 
     quant = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
+    from purecomp.transforms.prune import FilterPruningState
+
+    pruning = [row for s in _states(state, FilterPruningState) for row in s.rows()]
     sparse = [
         {"method": type(s).__name__.replace("State", ""), **row}
         for s in _states(state, (MagnitudeSparsityState, RBSparsityState, ConstSparsityState))
         for row in s.rows()
     ]
-    return Report((Table("quantizers", tuple(quant)), Table("sparsity", tuple(sparse))))
+    return Report((Table("quantizers", tuple(quant)), Table("sparsity", tuple(sparse)), Table("pruning", tuple(pruning))))
 
 
 def trainable(state: Any) -> list[Any]:
     """The leaves of a state that carry ``requires_grad`` (give them to the optimizer)."""
     leaves, _ = tree_flatten(state)
     return [leaf for leaf in leaves if getattr(leaf, "requires_grad", False)]
+
+
+def model_cost(model: Any, example_inputs: Any) -> dict[str, int]:
+    """``{"params": parameter count, "flops": FLOPs of one forward}`` (FLOPs counted by
+    ``torch.utils.flop_counter.FlopCounterMode``: 2 per multiply-add of conv/linear/matmul)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*args)
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
+
+
+def pruning_cost(original: Any, materialized: Any, example_inputs: Any) -> Table:
+    """Parameters and FLOPs of the original model against its materialized (pruned) one."""
+    before, after = model_cost(original, example_inputs), model_cost(materialized, example_inputs)
+    rows = tuple(
+        {"measure": key, "before": before[key], "after": after[key], "ratio": after[key] / max(1, before[key])}
+        for key in ("params", "flops")
+    )
+    return Table("pruning cost", rows)

@@ -4,6 +4,7 @@ from . import qdq_ops  # registers purecomp::qdq and purecomp::dq
 from .check import CheckResult, check, fused_op_counts
 from .materialize import MaterializedModel, fold_batchnorms, integer_grid, materialize
 from .onnx_export import ExportError, to_onnx
+from .pruning import prune_channels
 
 __all__ = [
     "CheckResult",
@@ -14,6 +15,7 @@ __all__ = [
     "fused_op_counts",
     "integer_grid",
     "materialize",
+    "prune_channels",
     "qdq_ops",
     "to_onnx",
 ]

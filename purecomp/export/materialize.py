@@ -29,6 +29,7 @@ from purecomp.ops.reference import EPS
 from purecomp.stats import _states
 from purecomp.transforms.quantize import AsymmetricQuantizer, QuantizationState, SymmetricQuantizer
 
+from .pruning import prune_channels, slice_quantizer
 from .qdq_ops import container_for
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,15 @@ def _quantization_state(state: Any) -> QuantizationState | None:
     return found[0] if found else None
 
 
+def _pruning_state(state: Any) -> Any:
+    from purecomp.transforms.prune import FilterPruningState
+
+    found = _states(state, FilterPruningState)
+    if len(found) > 1:
+        raise StateError(f"materialize supports one filter pruning method in a chain; found {len(found)}")
+    return found[0] if found else None
+
+
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
@@ -144,7 +154,8 @@ def materialize(
     """An eval-mode stateful module computing ``apply(model, method, params, state, ...)``.
 
     ``graph`` (from ``purecomp.trace``) enables BatchNorm folding, which ONNX runtimes need to
-    fuse convolutions into integer kernels. The user's model is not modified.
+    fuse convolutions into integer kernels. Channels pruned by ``filter_pruning`` are removed
+    physically (``prune_channels``). The user's model is not modified.
     """
     state = with_training(state, False)
     qstate = _quantization_state(state)
@@ -157,6 +168,12 @@ def materialize(
     copy_model = copy.deepcopy(model).eval()
     _bake_params(copy_model, final)
     weights = dict(qstate.weights) if qstate else {}
+    pstate = _pruning_state(state)
+    if pstate is not None:
+        kept = prune_channels(copy_model, pstate)
+        current = dict(copy_model.named_parameters())
+        final = {**final, **{name: current[name] for name in kept if name in current}}
+        weights = {name: slice_quantizer(q, kept.get(name, {})) for name, q in weights.items()}
     for name, quantizer in weights.items():
         module, attr = _owner(copy_model, name)
         _quantize_weight(module, attr, final[name], quantizer)
