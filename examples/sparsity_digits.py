@@ -36,7 +36,8 @@ def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc):
     params = dict(model.named_parameters()) | {k: v.clone() for k, v in model.named_buffers()}
     state = method.init(graph, params, train)
     params = pc.adapt_batchnorm(model, method, params, state, train, num_samples=512)
-    logits = [t for s in state if isinstance(s, pc.transforms.sparsity.RBSparsityState) for t in s.logits.values()]
+    members = state if isinstance(state, tuple) else (state,)  # a chain's state is a tuple
+    logits = [t for s in members if isinstance(s, pc.transforms.sparsity.RBSparsityState) for t in s.logits.values()]
     others = [t for t in pc.trainable(state) if all(t is not g for g in logits)]
     groups = [{"params": [p for p in params.values() if p.requires_grad] + others, "lr": lr}]
     if logits:

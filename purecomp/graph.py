@@ -7,7 +7,7 @@ The graph is recorded, not required: models keep their Python control flow. Plac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -130,6 +130,18 @@ class ModelGraph:
         return len(self.nodes)
 
 
+def output_tensors(out: Any) -> list[Tensor]:
+    """The tensors of a model's result: nested tuples, lists and mappings (HuggingFace
+    ``ModelOutput`` subclasses ``OrderedDict``, which optree treats as a leaf)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for value in out.values() for t in output_tensors(value)]
+    if isinstance(out, (tuple, list)):
+        return [t for value in out for t in output_tensors(value)]
+    return [t for t in optree.tree_leaves(out) if isinstance(t, Tensor)]
+
+
 def flatten_inputs(args: Sequence[Any], kwargs: dict[str, Any]) -> list[tuple[str, Tensor]]:
     """Model inputs by name: positional tensors ``"0"``, ``"1"``...; keyword tensors by their key.
 
@@ -231,7 +243,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any] | Any, example_kwargs:
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         model.train(was_training)
-    outputs = tuple(recorder.ref_of(t) for t in optree.tree_leaves(out) if isinstance(t, Tensor))
+    outputs = tuple(recorder.ref_of(t) for t in output_tensors(out))
     params = tuple((n, tuple(p.shape)) for n, p in list(model.named_parameters()) + list(model.named_buffers()))
     return ModelGraph(
         nodes=tuple(recorder.nodes),

@@ -72,4 +72,7 @@ def test_traces_huggingface_bert():
     assert dict(graph.inputs)["0"].dtype == torch.long
     assert dict(graph.inputs)["attention_mask"].dtype == torch.long
     linears = [n for n in graph if n.op == "linear"]
-    assert len(linears) == 2 * 6 + 1  # q, k, v, attention out, intermediate, output per layer; pooler
+    assert len(linears) == 2 * 6 + 1
+    # a ModelOutput (an OrderedDict subclass) still yields its tensors as the graph's outputs
+    assert [ref.name for ref in graph.outputs] == [
+        "encoder.layer.1.output.LayerNorm/layer_norm#0", "pooler.activation/tanh#0"]  # q, k, v, attention out, intermediate, output per layer; pooler

@@ -1,0 +1,72 @@
+"""30% filter pruning + fine-tuning on the digits CNN: accuracy, parameters, FLOPs, ONNX.
+
+    python examples/pruning_digits.py [--dataset digits|mnist] [--epochs 30] [--finetune-epochs 12] [--level 0.3]
+
+The level ramps up with the exponential schedule over the first third of the fine-tuning,
+the pruned channels freeze at half, then the pruned network is materialized (channels
+removed for real) and exported to ONNX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import purecomp as pc
+from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
+from purecomp import export
+from sparsity_digits import finetune
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
+    ap.add_argument("--epochs", type=int, default=30, help="FP32 training epochs")
+    ap.add_argument("--finetune-epochs", type=int, default=12)
+    ap.add_argument("--level", type=float, default=0.3, help="fraction of prunable channels to remove")
+    ap.add_argument("--criterion", default="geometric_median", choices=["L1", "L2", "geometric_median"])
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    train_set, test_set = load_dataset(args.dataset)
+    train, test = loader(train_set, 64, True, args.seed), loader(test_set, 256, False)
+    base = digits_cnn()
+    train_epochs(base, base.parameters(), train, args.epochs, 3e-3, "FP32 training")
+    base.eval()
+    fp32 = accuracy(base, test)
+
+    ramp = max(2, args.finetune_epochs // 3)
+    schedule = pc.schedules.pruning_exponential(0.0, args.level, num_init_steps=0, pruning_steps=ramp)
+    method = pc.filter_pruning(schedule, criterion=args.criterion, freeze_epoch=max(ramp, args.finetune_epochs // 2))
+    model = copy.deepcopy(base)
+    graph, params, state = finetune(model, method, train, args.finetune_epochs, args.finetune_lr, 0.0, 0.0, "pruning")
+    pruned_acc = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
+    example = train_set.tensors[0][:2]
+    small = export.materialize(model, method, params, state, graph)
+    small_acc = accuracy(small, test)
+    out_dir = Path(tempfile.mkdtemp(prefix="purecomp-pruning-"))
+    path = export.to_onnx(model, method, params, state, (example,), out_dir / "digits_pruned.onnx")
+
+    print(pc.statistics(graph, state)["pruning"])
+    print()
+    print(pc.pruning_cost(base, small, (example,)))
+    print()
+    print(f"dataset: {args.dataset} ({len(train_set)} train / {len(test_set)} test images); {args.criterion}")
+    print(f"{'model':<34}{'accuracy %':>11}{'drop':>7}")
+    print(f"{'FP32':<34}{fp32:>11.2f}{0:>7.2f}")
+    print(f"{f'{args.level:.0%} pruned (masked, PyTorch)':<34}{pruned_acc:>11.2f}{fp32 - pruned_acc:>7.2f}")
+    print(f"{'pruned, materialized (PyTorch)':<34}{small_acc:>11.2f}{fp32 - small_acc:>7.2f}")
+    onnx_acc = onnx_accuracy(path, test)
+    print(f"{'pruned, ONNX Runtime':<34}{onnx_acc:>11.2f}{fp32 - onnx_acc:>7.2f}")
+    print(f"time {time.perf_counter() - started:.0f} s; ONNX file {path}")
+
+
+if __name__ == "__main__":
+    main()
