@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from sparsity_digits import finetune
 
 import purecomp as pc
-from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
 from purecomp import export
-from sparsity_digits import finetune
+
+from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
 
 
 def main() -> None:
