@@ -42,10 +42,27 @@ class _State:
 
 _state = _State()
 
+# ``PURECOMP_OPS`` is read at every call. ``os.environ.get`` encodes the key and decodes the value
+# (about a microsecond); the router reads the mapping's own store instead when it can, which
+# ``os.environ[...] = ...``, ``del os.environ[...]`` and ``monkeypatch.setenv`` all keep current.
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+_FAST_VALUES = frozenset({"", "auto", "cpp"})
+
+
+def _env_value() -> str | None:
+    """The raw value of ``PURECOMP_OPS`` (None when unset)."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if _ENV_KEY is None or type(data) is not dict:
+        return environ.get(ENV_VAR)
+    raw = data.get(_ENV_KEY)
+    return None if raw is None else environ.decodevalue(raw)
+
 
 def mode() -> str:
     """The value of ``PURECOMP_OPS`` (``auto`` when unset); raises ``ConfigError`` on anything else."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    value = _env_value()
+    value = "auto" if value is None else value.strip().lower() or "auto"
     if value not in MODES:
         raise ConfigError(ENV_VAR, f"expected one of {', '.join(MODES)}, got {value!r}")
     return value
@@ -114,6 +131,10 @@ def ensure_built() -> bool:
     Returns False under ``PURECOMP_OPS=reference`` and after a failed build in ``auto`` mode
     (warned once); raises ``OpsBuildError`` after a failed build in ``cpp`` mode.
     """
+    if _state.available:  # per-call fast path: built, and PURECOMP_OPS unset, auto or cpp
+        value = _env_value()
+        if value is None or value in _FAST_VALUES:
+            return True
     selected = mode()
     if selected == "reference":
         return False

@@ -23,12 +23,60 @@ from torch.autograd import forward_ad
 from purecomp.errors import QuantizerRangeError
 
 from . import build
-from .levels import asymmetric_levels, check_bits, symmetric_levels
+from .levels import MAX_BITS, MIN_BITS, asymmetric_levels, check_bits, symmetric_levels
 from .reference import fake_quantize_asymmetric_reference, fake_quantize_symmetric_reference
 
 _CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _recorders: list[list[str]] = []
+
+# Per-call costs are kept to a few hundred nanoseconds: the levels of every valid configuration
+# are looked up (anything else goes through check_bits, which raises), and the op handles are
+# resolved once.
+_SYM_LEVELS = {
+    (bits, signed, narrow): symmetric_levels(bits, signed, narrow)
+    for bits in range(MIN_BITS, MAX_BITS + 1)
+    for signed in (False, True)
+    for narrow in (False, True)
+}
+_ASYM_LEVELS = {bits: asymmetric_levels(bits)[1] for bits in range(MIN_BITS, MAX_BITS + 1)}
+_SYM_OP = None
+_ASYM_OP = None
+
+
+def _symmetric_levels(bits: int, signed: bool, narrow_range: bool) -> tuple[int, int]:
+    if type(bits) is int:  # not bool, not float: those are refused by check_bits
+        try:
+            levels = _SYM_LEVELS.get((bits, signed, narrow_range))
+        except TypeError:  # unhashable flags
+            levels = None
+        if levels is not None:
+            return levels
+    check_bits(bits)
+    return symmetric_levels(bits, signed, narrow_range)
+
+
+def _asymmetric_levels(bits: int) -> int:
+    if type(bits) is int:
+        levels = _ASYM_LEVELS.get(bits)
+        if levels is not None:
+            return levels
+    check_bits(bits)
+    return asymmetric_levels(bits)[1]
+
+
+def _symmetric_op():
+    global _SYM_OP
+    if _SYM_OP is None:
+        _SYM_OP = torch.ops.purecomp.fake_quantize_symmetric.default
+    return _SYM_OP
+
+
+def _asymmetric_op():
+    global _ASYM_OP
+    if _ASYM_OP is None:
+        _ASYM_OP = torch.ops.purecomp.fake_quantize_asymmetric.default
+    return _ASYM_OP
 
 
 def _note_path(path: str) -> None:
@@ -75,12 +123,14 @@ def _use_cpp(x: Tensor, *params: Tensor) -> bool:
     """True when the C++ kernels may run: eager, no transform, no tangent, CPU, supported dtypes."""
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return False
-    if x.device.type != "cpu" or x.dtype not in _CPP_DTYPES:
+    if not x.is_cpu or x.dtype not in _CPP_DTYPES:
         return False
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-        return False
-    if _has_tangent(x) or any(_has_tangent(p) for p in params):
-        return False
+    for p in params:
+        if not p.is_cpu or p.dtype != torch.float32:
+            return False
+    if getattr(forward_ad, "_current_level", 0) >= 0:  # inside a dual level: look for tangents
+        if _has_tangent(x) or any(_has_tangent(p) for p in params):
+            return False
     return build.ensure_built()
 
 
@@ -88,12 +138,13 @@ def fake_quantize_symmetric(
     x: Tensor, scale: Tensor, *, bits: int, signed: bool, narrow_range: bool, axis: int | None = None
 ) -> Tensor:
     """Symmetric fake quantization (see ``reference.fake_quantize_symmetric_reference``)."""
-    check_bits(bits)
-    _check_param("scale", scale, x, axis)
+    ql, qh = _symmetric_levels(bits, signed, narrow_range)
+    if axis is not None or scale.numel() != 1:
+        _check_param("scale", scale, x, axis)
     if _use_cpp(x, scale):
-        ql, qh = symmetric_levels(bits, signed, narrow_range)
-        _note_path("cpp")
-        return torch.ops.purecomp.fake_quantize_symmetric(x, scale, ql, qh, axis)
+        if _recorders:
+            _note_path("cpp")
+        return (_SYM_OP if _SYM_OP is not None else _symmetric_op())(x, scale, ql, qh, axis)
     _note_path("reference")
     return fake_quantize_symmetric_reference(
         x, scale, bits=bits, signed=signed, narrow_range=narrow_range, axis=axis
@@ -104,12 +155,13 @@ def fake_quantize_asymmetric(
     x: Tensor, input_low: Tensor, input_range: Tensor, *, bits: int, axis: int | None = None
 ) -> Tensor:
     """Asymmetric fake quantization (see ``reference.fake_quantize_asymmetric_reference``)."""
-    check_bits(bits)
-    _check_param("input_low", input_low, x, axis)
-    _check_param("input_range", input_range, x, axis)
+    levels = _asymmetric_levels(bits)
+    if axis is not None or input_low.numel() != 1 or input_range.numel() != 1:
+        _check_param("input_low", input_low, x, axis)
+        _check_param("input_range", input_range, x, axis)
     if _use_cpp(x, input_low, input_range):
-        _note_path("cpp")
-        levels = asymmetric_levels(bits)[1]
-        return torch.ops.purecomp.fake_quantize_asymmetric(x, input_low, input_range, levels, axis)
+        if _recorders:
+            _note_path("cpp")
+        return (_ASYM_OP if _ASYM_OP is not None else _asymmetric_op())(x, input_low, input_range, levels, axis)
     _note_path("reference")
     return fake_quantize_asymmetric_reference(x, input_low, input_range, bits=bits, axis=axis)

@@ -19,6 +19,7 @@
 // summing the parameter gradients in per-chunk partials (no atomics), the regions being
 // recomputed from x exactly as in the forward (so no region mask is stored).
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -32,6 +33,7 @@
 #include <numeric>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace purecomp {
@@ -49,6 +51,7 @@ constexpr int64_t kLanesBelow = 32;          // inner extent under which params 
 constexpr int64_t kColumnBlock = 4096;       // columns per backward chunk in per-lane mode
 constexpr int64_t kFlushUnits = 64;          // float accumulation length before a flush to double
 constexpr int64_t kPad = 2 * kVS + 1;        // padding of per-lane tables (full vector loads)
+constexpr int64_t kStreamBytes = int64_t{4} << 20;  // float32 outputs this large bypass the caches
 
 // ---------------------------------------------------------------- element IO
 // One "unit" is Vectorized<T>::size() elements held as kVecs float vectors.
@@ -147,13 +150,22 @@ inline void backward_body(const Op& op, const Vec& x, const Vec& g, Vec& dx, Vec
   c_above = g & above;
 }
 
-inline double hsum(const Vec& v) {
-  float buf[kVS];
-  v.store(buf);
-  double s = 0.0;
-  for (int64_t i = 0; i < kVS; ++i) s += buf[i];
-  return s;
-}
+// Double accumulators, one per vector lane: a float vector is added lane-wise (vectorized by the
+// compiler: no scalar dependency chain), and the lanes are summed pairwise at the end.
+struct LaneSum {
+  alignas(64) double lane[kVS] = {};
+  void add(const Vec& v) {
+    alignas(64) float f[kVS];
+    v.store(f);
+    for (int64_t l = 0; l < kVS; ++l) lane[l] += f[l];
+  }
+  double total() {
+    for (int64_t w = kVS / 2; w > 0; w /= 2) {
+      for (int64_t l = 0; l < w; ++l) lane[l] += lane[l + w];
+    }
+    return lane[0];
+  }
+};
 
 struct Sums {
   double in = 0.0, below = 0.0, above = 0.0;
@@ -163,49 +175,109 @@ struct Sums {
 // A segment is a contiguous run of elements in one row. In splat mode p is the channel;
 // in lane mode p is the position of the first element inside the (channels x inner) row.
 
-template <typename T, typename Op, bool kLanes>
+// Non-temporal stores of float32 vectors (to 64-byte aligned addresses): an output much larger
+// than the caches goes straight to memory instead of being read in first (read for ownership).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kCanStream = true;
+inline void stream_store(float* p, const Vec& v) { _mm512_stream_ps(p, v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+inline void stream_store(float* p, const Vec& v) { _mm256_stream_ps(p, v); }
+#else
+constexpr bool kCanStream = false;
+inline void stream_store(float* p, const Vec& v) { v.store(p); }
+#endif
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+template <typename T, typename Op, bool kLanes, bool kStream = false>
 void forward_segment(const T* x, T* out, int64_t n, const typename Op::Table& table, int64_t p) {
   constexpr int kV = Io<T>::kVecs;
   constexpr int64_t kU = Io<T>::kUnit;
+  int64_t i = 0;
+  if constexpr (kStream) {
+    static_assert(std::is_same_v<T, float>, "streaming stores are float32 only");
+    // ordinary stores up to the first vector-aligned output address
+    constexpr uintptr_t kAlign = sizeof(Vec);
+    const int64_t head = std::min<int64_t>(n, ((kAlign - reinterpret_cast<uintptr_t>(out) % kAlign) % kAlign) / 4);
+    forward_segment<T, Op, kLanes>(x, out, head, table, p);
+    i = head;
+  }
   Op op[kV];
   if constexpr (!kLanes) {
     for (int k = 0; k < kV; ++k) op[k] = Op::splat(table, p);
   }
   Vec xv[kV], ov[kV];
-  for (int64_t i = 0; i < n; i += kU) {
+  for (; i < n; i += kU) {
     const int64_t cnt = std::min(kU, n - i);
     if constexpr (kLanes) {
       for (int k = 0; k < kV; ++k) op[k] = Op::lanes(table, p + i + k * kVS);
     }
     Io<T>::load(x + i, cnt, xv);
     for (int k = 0; k < kV; ++k) ov[k] = forward_value(op[k], xv[k]);
+    if constexpr (kStream) {
+      if (cnt == kU) {
+        stream_store(out + i, ov[0]);
+        continue;
+      }
+    }
     Io<T>::store(out + i, cnt, ov);
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// backward_body's accumulation with AVX-512 mask registers (fewer instructions than vector
+// masks): the same values, up to the sign of zero sums.
+template <typename Op>
+inline void backward_step(const Op& op, const Vec& x, const Vec& g, Vec& dx, Vec& a_in, Vec& a_below,
+                          Vec& a_above) {
+  const __m512 r = op.level(x);
+  const __m512 hi = op.hi();
+  const __m512 q = at::vec::clamp(Vec(r), op.lo(), op.hi());
+  const __m512 out = op.value(Vec(q));
+  const __mmask16 inside = _mm512_cmp_ps_mask(q, r, _CMP_EQ_OQ);  // false for NaN
+  const __mmask16 above = _mm512_cmp_ps_mask(r, hi, _CMP_GT_OQ);
+  const __mmask16 below = _mm512_knot(_mm512_kor(inside, above));  // the rest, NaN included
+  const __m512 d = _mm512_maskz_mov_ps(inside, g);
+  dx = d;
+  a_in = _mm512_add_ps(a_in, _mm512_mul_ps(d, _mm512_sub_ps(out, x)));
+  a_below = _mm512_mask_add_ps(a_below, below, a_below, g);
+  a_above = _mm512_mask_add_ps(a_above, above, a_above, g);
+}
+#else
+template <typename Op>
+inline void backward_step(const Op& op, const Vec& x, const Vec& g, Vec& dx, Vec& a_in, Vec& a_below,
+                          Vec& a_above) {
+  Vec c_in, c_below, c_above;
+  backward_body(op, x, g, dx, c_in, c_below, c_above);
+  a_in += c_in;
+  a_below += c_below;
+  a_above += c_above;
+}
+#endif
 
 template <typename T, typename Op>
 void backward_segment_splat(const T* g, const T* x, T* dx, int64_t n, const Op& op, Sums& sums) {
   constexpr int kV = Io<T>::kVecs;
   constexpr int64_t kU = Io<T>::kUnit;
   Vec a_in(0.f), a_below(0.f), a_above(0.f);
-  Vec xv[kV], gv[kV], dv[kV], c_in, c_below, c_above;
+  LaneSum d_in, d_below, d_above;
+  Vec xv[kV], gv[kV], dv[kV];
   int64_t units = 0;
   auto flush = [&] {
-    sums.in += hsum(a_in);
-    sums.below += hsum(a_below);
-    sums.above += hsum(a_above);
+    d_in.add(a_in);
+    d_below.add(a_below);
+    d_above.add(a_above);
     a_in = a_below = a_above = Vec(0.f);
   };
   for (int64_t i = 0; i < n; i += kU) {
     const int64_t cnt = std::min(kU, n - i);
     Io<T>::load(x + i, cnt, xv);
     Io<T>::load(g + i, cnt, gv);  // lanes past cnt load as 0 and contribute 0
-    for (int k = 0; k < kV; ++k) {
-      backward_body(op, xv[k], gv[k], dv[k], c_in, c_below, c_above);
-      a_in += c_in;
-      a_below += c_below;
-      a_above += c_above;
-    }
+    for (int k = 0; k < kV; ++k) backward_step(op, xv[k], gv[k], dv[k], a_in, a_below, a_above);
     Io<T>::store(dx + i, cnt, dv);
     if (++units == kFlushUnits) {
       flush();
@@ -213,6 +285,9 @@ void backward_segment_splat(const T* g, const T* x, T* dx, int64_t n, const Op& 
     }
   }
   flush();
+  sums.in += d_in.total();
+  sums.below += d_below.total();
+  sums.above += d_above.total();
 }
 
 inline void accumulate(float* acc, int64_t cnt, const Vec& v) {
@@ -261,17 +336,28 @@ template <typename T, typename Op>
 void run_forward(const T* x, T* out, const Geometry& geo, const typename Op::Table& table) {
   const int64_t row_len = geo.row();
   const bool lanes = geo.lanes();
+  bool stream = false;
+  if constexpr (std::is_same_v<T, float>) {
+    stream = kCanStream && geo.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  }
   at::parallel_for(0, geo.numel(), kForwardGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t row = i / row_len;
       const int64_t stop = std::min(end, (row + 1) * row_len);
-      if (lanes) {
-        forward_segment<T, Op, true>(x + i, out + i, stop - i, table, i - row * row_len);
-      } else {
-        forward_segment<T, Op, false>(x + i, out + i, stop - i, table, row % geo.channels);
+      const int64_t p = lanes ? i - row * row_len : row % geo.channels;
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+          if (lanes) forward_segment<T, Op, true, true>(x + i, out + i, stop - i, table, p);
+          else forward_segment<T, Op, false, true>(x + i, out + i, stop - i, table, p);
+          i = stop;
+          continue;
+        }
       }
+      if (lanes) forward_segment<T, Op, true>(x + i, out + i, stop - i, table, p);
+      else forward_segment<T, Op, false>(x + i, out + i, stop - i, table, p);
       i = stop;
     }
+    if (stream) stream_fence();  // order the streamed stores before the results are used
   });
 }
 
@@ -330,11 +416,13 @@ std::vector<Sums> run_backward(const T* g, const T* x, T* dx, const Geometry& ge
   });
   for (int64_t group = 0; group < groups; ++group) {
     const float* base = acc.data() + group * 3 * L;
-    for (int64_t j = 0; j < L; ++j) {
-      Sums& s = result[j / geo.inner];
-      s.in += base[j];
-      s.below += base[L + j];
-      s.above += base[2 * L + j];
+    for (int64_t c = 0, j = 0; c < C; ++c) {
+      Sums& s = result[c];
+      for (int64_t e = 0; e < geo.inner; ++e, ++j) {
+        s.in += base[j];
+        s.below += base[L + j];
+        s.above += base[2 * L + j];
+      }
     }
   }
   return result;
@@ -344,31 +432,37 @@ std::vector<Sums> run_backward(const T* g, const T* x, T* dx, const Geometry& ge
 
 // The elements of x in memory order as a (outer, channels, inner) block. Dense tensors of
 // any stride order (channels_last included) are used in place; others are copied first.
+// Only strides are inspected: no tensor op runs on the common (dense) path.
 struct Dense {
-  at::Tensor x;                  // dense input (x itself or a dense copy)
-  std::vector<int64_t> perm;     // dims of x in memory order
+  at::Tensor x;  // dense input (x itself or a dense copy)
   Geometry geo;
 };
 
 Dense make_dense(const at::Tensor& input, std::optional<int64_t> axis) {
   Dense d;
   // Non-dense inputs are copied in the layout at::empty_like gives them, so that the output
-  // (allocated with at::empty_like(input)) and d.x always share strides.
+  // (allocated with d.x's strides, which are those of at::empty_like(input)) and d.x share strides.
   d.x = input.is_non_overlapping_and_dense() ? input : input.contiguous(input.suggest_memory_format());
-  const int64_t dim = d.x.dim();
-  d.perm.resize(dim);
-  std::iota(d.perm.begin(), d.perm.end(), 0);
-  std::stable_sort(d.perm.begin(), d.perm.end(),
-                   [&](int64_t a, int64_t b) { return d.x.stride(a) > d.x.stride(b); });
-  TORCH_INTERNAL_ASSERT(d.x.permute(d.perm).is_contiguous(), "purecomp: a dense tensor is contiguous in stride order");
   if (!axis.has_value()) {
     d.geo.inner = d.x.numel();
     return d;
   }
-  const int64_t a = *axis;
-  const int64_t pos = std::find(d.perm.begin(), d.perm.end(), a) - d.perm.begin();
+  const int64_t dim = d.x.dim();
+  const auto sizes = d.x.sizes();
+  const auto strides = d.x.strides();
+  c10::SmallVector<int64_t, 8> perm(dim);  // dims of x in memory order (outermost first)
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return strides[a] > strides[b]; });
+  int64_t expected = 1;  // a dense tensor is contiguous in stride order
+  for (int64_t i = dim - 1; i >= 0; --i) {
+    const int64_t size = sizes[perm[i]];
+    TORCH_INTERNAL_ASSERT(size == 1 || strides[perm[i]] == expected,
+                          "purecomp: a dense tensor is contiguous in stride order");
+    expected *= size;
+  }
+  const int64_t pos = std::find(perm.begin(), perm.end(), *axis) - perm.begin();
   for (int64_t i = 0; i < dim; ++i) {
-    const int64_t size = d.x.size(d.perm[i]);
+    const int64_t size = sizes[perm[i]];
     if (i < pos) d.geo.outer *= size;
     else if (i == pos) d.geo.channels = size;
     else d.geo.inner *= size;
@@ -376,11 +470,18 @@ Dense make_dense(const at::Tensor& input, std::optional<int64_t> axis) {
   return d;
 }
 
-// Output buffer: at::empty_like(input), which has the strides of d.x (see make_dense).
-at::Tensor empty_like_dense(const at::Tensor& input, const Dense& d) {
-  at::Tensor out = at::empty_like(input);
-  TORCH_INTERNAL_ASSERT(out.strides() == d.x.strides(), "purecomp: output and input layouts differ");
-  return out;
+// An uninitialized tensor with d.x's sizes and strides (those of at::empty_like(input)), allocated
+// directly (no dispatcher round trip: this runs inside the CPU kernel).
+at::Tensor empty_like_dense(const Dense& d) {
+  return at::Tensor(at::detail::empty_strided_cpu(d.x.sizes(), d.x.strides(), d.x.scalar_type()));
+}
+
+// grad with the memory order of d.x (itself when the strides agree, else a copy in d.x's layout).
+at::Tensor grad_like_dense(const at::Tensor& grad, const Dense& d) {
+  if (grad.strides() == d.x.strides()) return grad;
+  at::Tensor g = empty_like_dense(d);
+  g.copy_(grad);
+  return g;
 }
 
 std::optional<int64_t> check_inputs(const at::Tensor& x, std::initializer_list<at::Tensor> params,
@@ -424,21 +525,35 @@ void dispatch_floating(at::ScalarType t, F&& f) {
 
 // Per-position table of per-channel values: itself in splat mode, each channel repeated
 // `inner` times in lane mode; padded with `fill` for full vector loads.
-std::vector<float> layout_table(const std::vector<float>& per_channel, const Geometry& geo, float fill) {
+std::vector<float> layout_table(std::vector<float> per_channel, const Geometry& geo, float fill) {
   if (!geo.lanes()) return per_channel;
   std::vector<float> out(geo.channels * geo.inner + kPad, fill);
-  for (int64_t j = 0; j < geo.channels * geo.inner; ++j) out[j] = per_channel[j / geo.inner];
+  for (int64_t c = 0, j = 0; c < geo.channels; ++c) {
+    for (int64_t e = 0; e < geo.inner; ++e, ++j) out[j] = per_channel[c];
+  }
   return out;
 }
 
-// ---------------------------------------------------------------- ops
+// Output buffer of grad_x, laid out as d.x. The kernel reads each element of g before writing
+// the same element of grad_x, so g's buffer serves when it is ours: a private copy of grad, or grad
+// itself when the caller gave it up (`reuse_grad`).
+at::Tensor grad_x_buffer(const at::Tensor& grad, const at::Tensor& g, const Dense& d, bool reuse_grad) {
+  if (reuse_grad || !g.is_same(grad)) return g;
+  return empty_like_dense(d);
+}
 
-at::Tensor fake_quantize_symmetric(const at::Tensor& x, const at::Tensor& scale, int64_t quant_min,
-                                   int64_t quant_max, std::optional<int64_t> axis) {
+}  // namespace
+
+// ---------------------------------------------------------------- ops
+// The registered CPU kernels are these functions with reuse_grad = false; the autograd kernels
+// call them directly for plain CPU tensors (fake_quantize.h).
+
+at::Tensor symmetric_forward_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
+                                 std::optional<int64_t> axis) {
   TORCH_CHECK(quant_min < quant_max && quant_max > 0, "purecomp fake quantize: need quant_min < quant_max and quant_max > 0");
   const auto a = check_inputs(x, {scale}, axis);
   const Dense d = make_dense(x, a);
-  at::Tensor out = empty_like_dense(x, d);
+  at::Tensor out = empty_like_dense(d);
   const SymParams prm = sym_params(scale, quant_max);
   const SymTable table{layout_table(prm.step, d.geo, 1.f), static_cast<float>(quant_min), static_cast<float>(quant_max)};
   dispatch_floating(x.scalar_type(), [&](auto tag) {
@@ -448,15 +563,16 @@ at::Tensor fake_quantize_symmetric(const at::Tensor& x, const at::Tensor& scale,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> fake_quantize_symmetric_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                                    const at::Tensor& scale, int64_t quant_min,
-                                                                    int64_t quant_max, std::optional<int64_t> axis) {
+std::tuple<at::Tensor, at::Tensor> symmetric_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& scale, int64_t quant_min,
+                                                          int64_t quant_max, std::optional<int64_t> axis,
+                                                          bool reuse_grad) {
   TORCH_CHECK(quant_min < quant_max && quant_max > 0, "purecomp fake quantize: need quant_min < quant_max and quant_max > 0");
   const auto a = check_inputs(x, {scale}, axis);
   check_grad(grad, x);
   const Dense d = make_dense(x, a);
-  const at::Tensor g = grad.permute(d.perm).contiguous();
-  at::Tensor grad_x = empty_like_dense(x, d);
+  const at::Tensor g = grad_like_dense(grad, d);
+  at::Tensor grad_x = grad_x_buffer(grad, g, d, reuse_grad);
   const SymParams prm = sym_params(scale, quant_max);
   const SymTable table{layout_table(prm.step, d.geo, 1.f), static_cast<float>(quant_min), static_cast<float>(quant_max)};
   std::vector<Sums> sums;
@@ -465,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_symmetric_backward(const at::Te
     sums = run_backward<T, SymOp>(g.const_data_ptr<T>(), d.x.const_data_ptr<T>(), grad_x.mutable_data_ptr<T>(),
                                   d.geo, table);
   });
-  at::Tensor grad_scale = at::empty_like(scale, at::MemoryFormat::Contiguous);
+  at::Tensor grad_scale = at::Tensor(at::detail::empty_strided_cpu(scale.sizes(), c10::contiguous_strides(scale.sizes()), at::kFloat));
   float* gs = grad_scale.mutable_data_ptr<float>();
   const double below_factor = static_cast<double>(quant_min) / static_cast<double>(quant_max);
   for (int64_t c = 0; c < static_cast<int64_t>(sums.size()); ++c) {
@@ -475,12 +591,12 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_symmetric_backward(const at::Te
   return {grad_x, grad_scale};
 }
 
-at::Tensor fake_quantize_asymmetric(const at::Tensor& x, const at::Tensor& input_low, const at::Tensor& input_range,
-                                    int64_t levels, std::optional<int64_t> axis) {
+at::Tensor asymmetric_forward_cpu(const at::Tensor& x, const at::Tensor& input_low, const at::Tensor& input_range,
+                                  int64_t levels, std::optional<int64_t> axis) {
   TORCH_CHECK(levels > 0, "purecomp fake quantize: levels must be positive");
   const auto a = check_inputs(x, {input_low, input_range}, axis);
   const Dense d = make_dense(x, a);
-  at::Tensor out = empty_like_dense(x, d);
+  at::Tensor out = empty_like_dense(d);
   const AsymParams prm = asym_params(input_low, input_range, levels);
   const AsymTable table{layout_table(prm.low, d.geo, 0.f), layout_table(prm.step, d.geo, 1.f),
                         layout_table(prm.zp, d.geo, 0.f), static_cast<float>(levels)};
@@ -491,15 +607,15 @@ at::Tensor fake_quantize_asymmetric(const at::Tensor& x, const at::Tensor& input
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_asymmetric_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> asymmetric_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& input_low, const at::Tensor& input_range,
-    int64_t levels, std::optional<int64_t> axis) {
+    int64_t levels, std::optional<int64_t> axis, bool reuse_grad) {
   TORCH_CHECK(levels > 0, "purecomp fake quantize: levels must be positive");
   const auto a = check_inputs(x, {input_low, input_range}, axis);
   check_grad(grad, x);
   const Dense d = make_dense(x, a);
-  const at::Tensor g = grad.permute(d.perm).contiguous();
-  at::Tensor grad_x = empty_like_dense(x, d);
+  const at::Tensor g = grad_like_dense(grad, d);
+  at::Tensor grad_x = grad_x_buffer(grad, g, d, reuse_grad);
   const AsymParams prm = asym_params(input_low, input_range, levels);
   const AsymTable table{layout_table(prm.low, d.geo, 0.f), layout_table(prm.step, d.geo, 1.f),
                         layout_table(prm.zp, d.geo, 0.f), static_cast<float>(levels)};
@@ -509,8 +625,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_asymmetric_backward
     sums = run_backward<T, AsymOp>(g.const_data_ptr<T>(), d.x.const_data_ptr<T>(), grad_x.mutable_data_ptr<T>(),
                                    d.geo, table);
   });
-  at::Tensor grad_low = at::empty_like(input_low, at::MemoryFormat::Contiguous);
-  at::Tensor grad_range = at::empty_like(input_range, at::MemoryFormat::Contiguous);
+  const auto param_strides = c10::contiguous_strides(input_low.sizes());
+  at::Tensor grad_low = at::Tensor(at::detail::empty_strided_cpu(input_low.sizes(), param_strides, at::kFloat));
+  at::Tensor grad_range = at::Tensor(at::detail::empty_strided_cpu(input_range.sizes(),
+                                                                   c10::contiguous_strides(input_range.sizes()), at::kFloat));
   float* gl = grad_low.mutable_data_ptr<float>();
   float* gr = grad_range.mutable_data_ptr<float>();
   for (int64_t c = 0; c < static_cast<int64_t>(sums.size()); ++c) {
@@ -519,6 +637,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_asymmetric_backward
     gr[c] = static_cast<float>(prm.sign[c] * (s.in / prm.range[c] + s.above));
   }
   return {grad_x, grad_low, grad_range};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_symmetric_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                    const at::Tensor& scale, int64_t quant_min,
+                                                                    int64_t quant_max, std::optional<int64_t> axis) {
+  return symmetric_backward_cpu(grad, x, scale, quant_min, quant_max, axis, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_asymmetric_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& input_low, const at::Tensor& input_range,
+    int64_t levels, std::optional<int64_t> axis) {
+  return asymmetric_backward_cpu(grad, x, input_low, input_range, levels, axis, false);
 }
 
 }  // namespace
@@ -530,10 +662,17 @@ namespace {
 inline float sgn(float v) { return static_cast<float>((v > 0.f) - (v < 0.f)); }
 }  // namespace
 
+// Element c of a per-tensor (numel 1, any shape) or per-channel (1-D, any stride) parameter.
+struct ParamReader {
+  const float* p;
+  int64_t stride;
+  explicit ParamReader(const at::Tensor& t) : p(t.const_data_ptr<float>()), stride(t.dim() == 1 ? t.stride(0) : 0) {}
+  float operator[](int64_t c) const { return p[c * stride]; }
+};
+
 SymParams sym_params(const at::Tensor& scale, int64_t qh) {
-  const at::Tensor sc = scale.contiguous();
-  const float* p = sc.data_ptr<float>();
-  const int64_t C = sc.numel();
+  const ParamReader p(scale);
+  const int64_t C = scale.numel();
   SymParams out{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
   for (int64_t c = 0; c < C; ++c) {
     out.s[c] = std::fabs(p[c]) + kEps;
@@ -545,10 +684,8 @@ SymParams sym_params(const at::Tensor& scale, int64_t qh) {
 
 // reference.adjust_asymmetric_range, then step = range / n and zp = round(-low / step).
 AsymParams asym_params(const at::Tensor& input_low, const at::Tensor& input_range, int64_t levels) {
-  const at::Tensor lo_t = input_low.contiguous(), rg_t = input_range.contiguous();
-  const float* lo_p = lo_t.data_ptr<float>();
-  const float* rg_p = rg_t.data_ptr<float>();
-  const int64_t C = lo_t.numel();
+  const ParamReader lo_p(input_low), rg_p(input_range);
+  const int64_t C = input_low.numel();
   const float n = static_cast<float>(levels);
   AsymParams out;
   for (auto* v : {&out.low, &out.range, &out.step, &out.zp, &out.sign}) v->resize(C);
@@ -593,9 +730,9 @@ TORCH_LIBRARY(purecomp, m) {
 }
 
 TORCH_LIBRARY_IMPL(purecomp, CPU, m) {
-  m.impl("fake_quantize_symmetric", &fake_quantize_symmetric);
+  m.impl("fake_quantize_symmetric", &symmetric_forward_cpu);
   m.impl("fake_quantize_symmetric_backward", &fake_quantize_symmetric_backward);
-  m.impl("fake_quantize_asymmetric", &fake_quantize_asymmetric);
+  m.impl("fake_quantize_asymmetric", &asymmetric_forward_cpu);
   m.impl("fake_quantize_asymmetric_backward", &fake_quantize_asymmetric_backward);
 }
 

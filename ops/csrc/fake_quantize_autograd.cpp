@@ -1,7 +1,11 @@
 // Autograd kernels of purecomp::fake_quantize_symmetric / _asymmetric (eager, C++).
 //
 // First-order backward (grad mode off, the usual loss.backward()) runs the one-pass C++
-// backward kernel. A backward that is itself differentiated (create_graph=True) is written
+// backward kernel. For plain CPU tensors (no subclass, no dispatch mode or functorch transform
+// active) it is called directly rather than through the dispatcher (it still shows in the
+// profiler under the backward op's name), and when this node owns the incoming gradient (no
+// other reference to it or to its storage, memory from the default CPU allocator) grad_x is
+// written into the gradient's own buffer: no allocation, and the buffer is already in cache. A backward that is itself differentiated (create_graph=True) is written
 // with ATen ops instead, so that double backward equals the reference's: the reference's
 // gradient is linear in the incoming gradient g with detached coefficients,
 //   grad_x = g * inside,  grad_param = sum(g * factor),
@@ -12,6 +16,9 @@
 // reference (ops/dispatch.py) or to the Python autograd.Function wrappers (ops/autograd.py).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -68,6 +75,34 @@ void save_axis(AutogradContext* ctx, std::optional<int64_t> axis) {
   ctx->saved_data["axis"] = axis.has_value() ? c10::IValue(*axis) : c10::IValue();
 }
 
+// A dense CPU tensor without subclass, conjugate/negative view or other extra dispatch keys.
+bool plain_cpu(const at::Tensor& t) {
+  static const c10::DispatchKeySet allowed({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
+                                            c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
+  return t.defined() && t.layout() == at::kStrided && allowed.isSupersetOf(t.key_set());
+}
+
+// True when the dispatcher would send these tensors straight to the CPU kernel: plain tensors and
+// no Python dispatch mode, functorch transform or functionalization active on this thread.
+bool direct_cpu_call(std::initializer_list<at::Tensor> tensors) {
+  static const c10::DispatchKeySet intercepting({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                                 c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+                                                 c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+                                                 c10::DispatchKey::Functionalize, c10::DispatchKey::PreDispatch});
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(intercepting)) return false;
+  for (const auto& t : tensors) {
+    if (!plain_cpu(t)) return false;
+  }
+  return true;
+}
+
+// The caller holds the only reference to g and to its storage, and the memory is the default
+// CPU allocator's (not borrowed from numpy, DLPack, ...): g may be overwritten.
+bool owned(const at::Tensor& g) {
+  return g.use_count() == 1 && g.storage().use_count() == 1 && !g.is_inference() &&
+         g.storage().data_ptr().get_deleter() == c10::GetDefaultCPUAllocator()->raw_deleter();
+}
+
 class SymmetricFunction : public torch::autograd::Function<SymmetricFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale, int64_t quant_min,
@@ -81,7 +116,8 @@ class SymmetricFunction : public torch::autograd::Function<SymmetricFunction> {
     return op.call(x, scale, quant_min, quant_max, axis);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: the node's own gradient buffers (see owned()).
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &scale = saved[1];
     const int64_t ql = ctx->saved_data["quant_min"].toInt(), qh = ctx->saved_data["quant_max"].toInt();
@@ -89,6 +125,11 @@ class SymmetricFunction : public torch::autograd::Function<SymmetricFunction> {
     const at::Tensor& g = grads[0];
     if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     if (!at::GradMode::is_enabled()) {
+      if (direct_cpu_call({g, x, scale})) {
+        RECORD_FUNCTION("purecomp::fake_quantize_symmetric_backward", std::vector<c10::IValue>({g, x, scale}));
+        auto [grad_x, grad_scale] = symmetric_backward_cpu(g, x, scale, ql, qh, axis, owned(g));
+        return {grad_x, grad_scale, at::Tensor(), at::Tensor(), at::Tensor()};
+      }
       static const auto op = op_handle<SymBackwardFn>("purecomp::fake_quantize_symmetric_backward");
       auto [grad_x, grad_scale] = op.call(g, x, scale, ql, qh, axis);
       return {grad_x, grad_scale, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -125,7 +166,8 @@ class AsymmetricFunction : public torch::autograd::Function<AsymmetricFunction> 
     return op.call(x, input_low, input_range, levels, axis);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: the node's own gradient buffers (see owned()).
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &input_low = saved[1], &input_range = saved[2];
     const int64_t n = ctx->saved_data["levels"].toInt();
@@ -133,6 +175,13 @@ class AsymmetricFunction : public torch::autograd::Function<AsymmetricFunction> 
     const at::Tensor& g = grads[0];
     if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     if (!at::GradMode::is_enabled()) {
+      if (direct_cpu_call({g, x, input_low, input_range})) {
+        RECORD_FUNCTION("purecomp::fake_quantize_asymmetric_backward",
+                        std::vector<c10::IValue>({g, x, input_low, input_range}));
+        auto [grad_x, grad_low, grad_range] =
+            asymmetric_backward_cpu(g, x, input_low, input_range, n, axis, owned(g));
+        return {grad_x, grad_low, grad_range, at::Tensor(), at::Tensor()};
+      }
       static const auto op = op_handle<AsymBackwardFn>("purecomp::fake_quantize_asymmetric_backward");
       auto [grad_x, grad_low, grad_range] = op.call(g, x, input_low, input_range, n, axis);
       return {grad_x, grad_low, grad_range, at::Tensor(), at::Tensor()};

@@ -282,6 +282,10 @@ LAYOUTS = {
     "channel axis last (per-lane params)": ((300, 48), 1, lambda t: t),
     "short inner extent (per-lane params)": ((50, 7, 3), 1, lambda t: t),
     "many channels, axis 0": ((3000, 40), 0, lambda t: t),
+    # outputs of 4 MB and more are written with streaming stores from the first aligned element
+    "large per-tensor (streamed)": ((1_100_003,), None, lambda t: t),
+    "large per-channel, odd rows (streamed)": ((4, 30, 99, 101), 1, lambda t: t),
+    "large, channel axis last (streamed, per-lane params)": ((150_001, 7), 1, lambda t: t),
     "empty": ((0, 5), 1, lambda t: t),
     "scalar": ((), None, lambda t: t),
 }
@@ -558,6 +562,96 @@ def test_eager_double_backward_through_cpp_matches_reference():
         public = second_order(_public_loss)
     assert paths == ["cpp", "cpp"]
     _close_trees(public, second_order(_reference_loss))
+
+
+# ----------------------------------------------------------------- eager backward: gradient buffers
+
+
+@pytest.mark.parametrize("kind", ["sym", "asym"])
+@pytest.mark.parametrize(
+    "axis,layout", [(None, "contiguous"), (1, "contiguous"), (1, "channels_last"), (3, "contiguous")]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_backward_with_owned_gradients_matches_reference(kind, axis, layout, dtype):
+    # The gradients reaching the quantizers come from C++ nodes only (mul, add), so the C++
+    # backward owns them and writes grad_x into their buffers. One gradient reaches two
+    # quantizers through an add (the first to run must leave it intact for the second), another
+    # a quantizer and a relu.
+    gen = torch.Generator().manual_seed(7)
+    shape = (3, 6, 5, 4)
+
+    def make(t):
+        t = t.to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+    xs = [make(torch.randn(shape, generator=gen) * 2) for _ in range(4)]
+    w = make(torch.randn(shape, generator=gen))
+    params = _params(axis, shape, gen, kind)
+
+    def run(quantize):
+        leaves = [t.clone().requires_grad_() for t in (*xs, *params)]
+        a, b, c, d, *p = leaves
+        loss = ((quantize(a, p) + quantize(b, p)) * w).sum()
+        loss = loss + ((quantize(c, p) + torch.relu(d)) * w).sum()
+        loss.backward()
+        return [t.grad for t in leaves]
+
+    def cpp(x, p):
+        if kind == "sym":
+            return fake_quantize_symmetric(x, *p, bits=6, signed=True, narrow_range=False, axis=axis)
+        return fake_quantize_asymmetric(x, *p, bits=6, axis=axis)
+
+    def ref(x, p):
+        if kind == "sym":
+            return fake_quantize_symmetric_reference(
+                x, *p, bits=6, signed=True, narrow_range=False, axis=axis
+            )
+        return fake_quantize_asymmetric_reference(x, *p, bits=6, axis=axis)
+
+    with record_paths() as paths:
+        actual = run(cpp)
+    assert paths == ["cpp"] * 3
+    expected = run(ref)
+    for got, want in zip(actual[:4], expected[:4]):
+        assert torch.equal(got, want)
+    for got, want in zip(actual[4:], expected[4:]):
+        assert_param_grad_close(got, want, 3 * w)
+
+
+def test_eager_backward_leaves_gradients_held_elsewhere_intact():
+    x, scale = torch.randn(4, 50, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    w = torch.randn(4, 50)
+    kept = []
+    y = fake_quantize_symmetric(x, scale, bits=4, signed=True, narrow_range=False)
+    y.register_hook(kept.append)  # holds the incoming gradient
+    (y * w).sum().backward()
+    assert torch.equal(kept[0], w)
+    g = torch.randn(4, 50)
+    g0 = g.clone()
+    y = fake_quantize_asymmetric(x, scale - 2, scale * 3, bits=4)
+    torch.autograd.grad(y, (x, scale), g)  # the caller holds g
+    assert torch.equal(g, g0)
+
+
+def test_eager_backward_is_visible_to_profilers_and_dispatch_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, scale = torch.randn(64, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        fake_quantize_symmetric(x, scale, bits=4, signed=True, narrow_range=False).sum().backward()
+    assert "purecomp::fake_quantize_symmetric_backward" in {e.name for e in prof.events()}
+    with Log() as log:
+        fake_quantize_asymmetric(x, scale - 2, scale * 3, bits=4).sum().backward()
+    assert "purecomp.fake_quantize_asymmetric_backward.default" in log.ops
 
 
 # ----------------------------------------------------------------- autograd.Function wrappers under transforms
