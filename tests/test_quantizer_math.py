@@ -251,4 +251,4 @@ def test_asymmetric_equals_torch_fake_quantize_on_a_zero_aligned_grid(bits, expo
     on_grid = ks % 2 == 0
     assert torch.equal(torch.round(ours / step)[on_grid], torch.round(theirs / step)[on_grid])
     assert torch.allclose(ours[on_grid], theirs[on_grid], rtol=1e-6, atol=0)
-    assert ((ours - theirs).abs()[~on_grid] <= step * (1 + 1e-6)).all()
+    assert ((ours - theirs).abs()[~on_grid] <= step * (1 + 1e-4)).all()
