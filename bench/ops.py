@@ -3,13 +3,15 @@
 For 256K and 4M float32 elements shaped like a conv activation (N, 64, 32, 32), 8 bits,
 per-tensor symmetric and per-channel (axis 1) asymmetric, times forward and forward+backward
 of: purecomp's C++ kernels (through the public router), the reference composite in eager and
-under ``torch.compile``, torch's learnable fake quantizers, and ``x.clone()`` as the memory
-bandwidth yardstick. Candidates alternate within each round; each figure is the median over
-rounds after a warm-up.
+under ``torch.compile``, torch's learnable fake quantizers, ``x.clone()`` as the memory
+bandwidth yardstick, and ``torch.relu`` as the cheapest elementwise op with autograd (its
+forward+backward through ``torch.autograd.grad`` is the floor of any op timed the same way).
+Candidates alternate within each round; each figure is the median over rounds after a warm-up.
 
 The C++ forward+backward must move 2.5 clones' worth of bytes (forward reads x and writes out:
 one clone; backward reads grad and x and writes grad_x: 1.5 clones), so ``C++ / (2.5 clone)``
-says how close to the bandwidth bound it runs.
+says how close to the bandwidth bound it runs; ``relu / (2.5 clone)`` is the same ratio for
+relu, whose kernels do almost nothing (the rest is autograd and Python per-call cost).
 
 Run: ``python bench/ops.py [--rounds 15] [--threads 2]``.
 """
@@ -104,6 +106,7 @@ def _candidates(
     compiled = torch.compile(ref)
     return {
         "clone": (lambda: x.clone(), lambda: x.clone()),
+        "torch relu": (lambda: torch.relu(x), _fwd_bwd(torch.relu, (xg,), grad)),
         "purecomp C++": (lambda: cpp(x, *params), _fwd_bwd(cpp, (xg, *params_g), grad)),
         "reference eager": (lambda: ref(x, *params), _fwd_bwd(ref, (xg, *params_g), grad)),
         "reference compiled": (
@@ -160,6 +163,10 @@ def main() -> None:
             print(f"  C++ fwd / clone                    {cpp_f / clone:6.2f}   (bound: 1.0)")
             print(
                 f"  C++ fwd+bwd / (2.5 x clone)        {cpp_b / (2.5 * clone):6.2f}   (bound: 1.0)"
+            )
+            print(
+                f"  relu fwd+bwd / (2.5 x clone)       {times['torch relu'][1] / (2.5 * clone):6.2f}"
+                "   (autograd per-call floor)"
             )
             print(
                 f"  torch learnable / C++  fwd, fwd+bwd {times['torch learnable'][0] / cpp_f:6.2f}x "
