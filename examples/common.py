@@ -7,6 +7,7 @@ default; MNIST test-set IDX files when a directory is given (first 6,000 images 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -153,3 +154,26 @@ def onnx_latencies(paths: dict[str, str | Path], x: Tensor, repeats: int = 200, 
             if i >= warmup:
                 times[k].append((time.perf_counter() - start) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+@dataclasses.dataclass
+class Baseline:
+    """A trained FP32 digits CNN with its data: what every example compresses."""
+
+    train_set: TensorDataset
+    test_set: TensorDataset
+    train: DataLoader
+    test: DataLoader
+    model: nn.Module
+    accuracy: float
+
+
+def train_baseline(dataset: str, epochs: int, seed: int) -> Baseline:
+    """Load ``dataset``, train the digits CNN in FP32 (Adam 3e-3, cosine) and evaluate it."""
+    torch.manual_seed(seed)
+    train_set, test_set = load_dataset(dataset)
+    train, test = loader(train_set, 64, True, seed), loader(test_set, 256, False)
+    model = digits_cnn()
+    train_epochs(model, model.parameters(), train, epochs, 3e-3, "FP32 training")
+    model.eval()
+    return Baseline(train_set, test_set, train, test, model, accuracy(model, test))

@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from sparsity_digits import finetune
 
 import purecomp as pc
@@ -23,11 +22,9 @@ from purecomp import export
 
 from common import (
     accuracy,
-    digits_cnn,
-    load_dataset,
-    loader,
     onnx_accuracy,
     onnx_latencies,
+    train_baseline,
     train_epochs,
 )
 
@@ -41,16 +38,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="where to write the ONNX files (default: a temporary directory)")
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
-
-    train_set, test_set = load_dataset(args.dataset)
-    train, test = loader(train_set, 64, True, args.seed), loader(test_set, 256, False)
-    model = digits_cnn()
-    train_epochs(model, model.parameters(), train, args.epochs, 3e-3, "FP32 training")
-    model.eval()
-    fp32 = accuracy(model, test)
+    base = train_baseline(args.dataset, args.epochs, args.seed)
+    train_set, test_set, train, test, model, fp32 = (
+        base.train_set, base.test_set, base.train, base.test, base.model, base.accuracy)
     example = train_set.tensors[0][:2]
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="purecomp-demo-"))
     fp32_params = dict(model.named_parameters()) | dict(model.named_buffers())

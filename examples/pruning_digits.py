@@ -15,13 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from sparsity_digits import finetune
 
 import purecomp as pc
 from purecomp import export
 
-from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
+from common import accuracy, onnx_accuracy, train_baseline
 
 
 def main() -> None:
@@ -34,14 +33,10 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
     started = time.perf_counter()
-    train_set, test_set = load_dataset(args.dataset)
-    train, test = loader(train_set, 64, True, args.seed), loader(test_set, 256, False)
-    base = digits_cnn()
-    train_epochs(base, base.parameters(), train, args.epochs, 3e-3, "FP32 training")
-    base.eval()
-    fp32 = accuracy(base, test)
+    baseline = train_baseline(args.dataset, args.epochs, args.seed)
+    train_set, test_set, train, test, base, fp32 = (
+        baseline.train_set, baseline.test_set, baseline.train, baseline.test, baseline.model, baseline.accuracy)
 
     ramp = max(2, args.finetune_epochs // 3)
     schedule = pc.schedules.pruning_exponential(0.0, args.level, num_init_steps=0, pruning_steps=ramp)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import purecomp as pc
 from purecomp import export
 
-from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs
+from common import accuracy, onnx_accuracy, train_baseline
 
 
 def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc):
@@ -77,14 +77,10 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
     started = time.perf_counter()
-    train_set, test_set = load_dataset(args.dataset)
-    train, test = loader(train_set, 64, True, args.seed), loader(test_set, 256, False)
-    base = digits_cnn()
-    train_epochs(base, base.parameters(), train, args.epochs, 3e-3, "FP32 training")
-    base.eval()
-    fp32 = accuracy(base, test)
+    baseline = train_baseline(args.dataset, args.epochs, args.seed)
+    train_set, test_set, train, test, base, fp32 = (
+        baseline.train_set, baseline.test_set, baseline.train, baseline.test, baseline.model, baseline.accuracy)
 
     target_epoch = max(1, args.finetune_epochs // 3)  # level ramps up for a third, masks freeze at half
     freeze_epoch = max(target_epoch, args.finetune_epochs // 2)
