@@ -12,6 +12,8 @@ The C++ forward+backward must move 2.5 clones' worth of bytes (forward reads x a
 one clone; backward reads grad and x and writes grad_x: 1.5 clones), so ``C++ / (2.5 clone)``
 says how close to the bandwidth bound it runs; ``relu / (2.5 clone)`` is the same ratio for
 relu, whose kernels do almost nothing (the rest is autograd and Python per-call cost).
+"C++ kernels only" calls the forward and backward ops directly (no autograd graph, no
+``torch.autograd.grad``): the kernels' own cost against the same bound.
 
 Run: ``python bench/ops.py [--rounds 15] [--threads 2]``.
 """
@@ -83,6 +85,12 @@ def _candidates(
 
         params, params_g, learn_params = (scale,), (sg,), (step.clone().requires_grad_(),)
         learn_fwd = (step,)
+
+        def kernel_fwd() -> torch.Tensor:
+            return torch.ops.purecomp.fake_quantize_symmetric(x, scale, -128, 127)
+
+        def kernel_bwd() -> object:
+            return torch.ops.purecomp.fake_quantize_symmetric_backward(grad, x, scale, -128, 127)
     else:
         low, rng = torch.full((CHANNELS,), -2.0), torch.full((CHANNELS,), 5.0)
         lg, rg = low.clone().requires_grad_(), rng.clone().requires_grad_()
@@ -103,11 +111,18 @@ def _candidates(
 
         params, params_g, learn_params = (low, rng), (lg, rg), (step.clone().requires_grad_(),)
         learn_fwd = (step,)
+
+        def kernel_fwd() -> torch.Tensor:
+            return torch.ops.purecomp.fake_quantize_asymmetric(x, low, rng, 256, 1)
+
+        def kernel_bwd() -> object:
+            return torch.ops.purecomp.fake_quantize_asymmetric_backward(grad, x, low, rng, 256, 1)
     compiled = torch.compile(ref)
     return {
         "clone": (lambda: x.clone(), lambda: x.clone()),
         "torch relu": (lambda: torch.relu(x), _fwd_bwd(torch.relu, (xg,), grad)),
         "purecomp C++": (lambda: cpp(x, *params), _fwd_bwd(cpp, (xg, *params_g), grad)),
+        "C++ kernels only": (kernel_fwd, lambda: (kernel_fwd(), kernel_bwd())),
         "reference eager": (lambda: ref(x, *params), _fwd_bwd(ref, (xg, *params_g), grad)),
         "reference compiled": (
             lambda: compiled(x, *params),
@@ -163,6 +178,10 @@ def main() -> None:
             print(f"  C++ fwd / clone                    {cpp_f / clone:6.2f}   (bound: 1.0)")
             print(
                 f"  C++ fwd+bwd / (2.5 x clone)        {cpp_b / (2.5 * clone):6.2f}   (bound: 1.0)"
+            )
+            print(
+                f"  C++ kernels fwd+bwd / (2.5 x clone) "
+                f"{times['C++ kernels only'][1] / (2.5 * clone):5.2f}   (bound: 1.0; no autograd)"
             )
             print(
                 f"  relu fwd+bwd / (2.5 x clone)       {times['torch relu'][1] / (2.5 * clone):6.2f}"

@@ -150,8 +150,19 @@ inline void backward_body(const Op& op, const Vec& x, const Vec& g, Vec& dx, Vec
   c_above = g & above;
 }
 
-// Double accumulators, one per vector lane: a float vector is added lane-wise (vectorized by the
-// compiler: no scalar dependency chain), and the lanes are summed pairwise at the end.
+// Double accumulators, one per vector lane: a float vector is added lane-wise (no scalar
+// dependency chain), and the lanes are summed pairwise at the end.
+#if defined(CPU_CAPABILITY_AVX512)
+struct LaneSum {
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  void add(const Vec& v) {
+    const __m512 f = v;
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+  }
+  double total() const { return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
+};
+#else
 struct LaneSum {
   alignas(64) double lane[kVS] = {};
   void add(const Vec& v) {
@@ -166,6 +177,7 @@ struct LaneSum {
     return lane[0];
   }
 };
+#endif
 
 struct Sums {
   double in = 0.0, below = 0.0, above = 0.0;
@@ -175,7 +187,7 @@ struct Sums {
 // A segment is a contiguous run of elements in one row. In splat mode p is the channel;
 // in lane mode p is the position of the first element inside the (channels x inner) row.
 
-// Non-temporal stores of float32 vectors (to 64-byte aligned addresses): an output much larger
+// Non-temporal stores of float32 vectors (to vector-aligned addresses): an output much larger
 // than the caches goes straight to memory instead of being read in first (read for ownership).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kCanStream = true;
@@ -340,7 +352,7 @@ void run_forward(const T* x, T* out, const Geometry& geo, const typename Op::Tab
   if constexpr (std::is_same_v<T, float>) {
     stream = kCanStream && geo.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   }
-  at::parallel_for(0, geo.numel(), kForwardGrain, [&](int64_t begin, int64_t end) {
+  const auto body = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t row = i / row_len;
       const int64_t stop = std::min(end, (row + 1) * row_len);
@@ -358,7 +370,25 @@ void run_forward(const T* x, T* out, const Geometry& geo, const typename Op::Tab
       i = stop;
     }
     if (stream) stream_fence();  // order the streamed stores before the results are used
-  });
+  };
+  // at::parallel_for wakes the whole pool even when one task gets all the work
+  if (geo.numel() < 2 * kForwardGrain) {
+    body(0, geo.numel());
+  } else {
+    at::parallel_for(0, geo.numel(), kForwardGrain, body);
+  }
+}
+
+// Runs tasks [0, tasks) of a backward over `elems` elements: on this thread alone when there is
+// one task or little work (waking the pool costs more than it saves), else with at::parallel_for.
+// The tasks, and so the results, are the same either way.
+template <typename F>
+void parallel_tasks(int64_t tasks, int64_t elems, const F& body) {
+  if (tasks == 1 || elems < kChunkElems) {
+    body(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, 1, body);
+  }
 }
 
 // Returns per-channel Sums. Splat mode: contiguous chunks of the flat range, partials per
@@ -374,7 +404,7 @@ std::vector<Sums> run_backward(const T* g, const T* x, T* dx, const Geometry& ge
     int64_t chunks = std::clamp<int64_t>((N + kChunkElems - 1) / kChunkElems, 1, kMaxChunks);
     chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, (int64_t{1} << 20) / C));
     std::vector<Sums> partial(chunks * C);
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    parallel_tasks(chunks, N, [&](int64_t cb, int64_t ce) {
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         const int64_t end = N * (chunk + 1) / chunks;
         Sums* mine = partial.data() + chunk * C;
@@ -402,7 +432,7 @@ std::vector<Sums> run_backward(const T* g, const T* x, T* dx, const Geometry& ge
   int64_t groups = std::clamp<int64_t>(kMaxChunks / blocks, 1, geo.outer);
   groups = std::max<int64_t>(1, std::min<int64_t>(groups, (int64_t{1} << 24) / (3 * L)));
   std::vector<float> acc(groups * 3 * L, 0.f);
-  at::parallel_for(0, groups * blocks, 1, [&](int64_t cb, int64_t ce) {
+  parallel_tasks(groups * blocks, N, [&](int64_t cb, int64_t ce) {
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t group = chunk / blocks, block = chunk % blocks;
       const int64_t c0 = block * kColumnBlock, c1 = std::min(L, c0 + kColumnBlock);

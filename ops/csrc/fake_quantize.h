@@ -1,5 +1,6 @@
 // Per-channel parameters of the fake quantizers, computed with the same float32 operations,
-// in the same order, as ops/reference.py. Shared by the CPU kernels and the C++ autograd.
+// in the same order, as ops/reference.py, and the CPU kernels' entry points. Shared by the CPU
+// kernels and the C++ autograd.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -5,9 +5,11 @@
 // active) it is called directly rather than through the dispatcher (it still shows in the
 // profiler under the backward op's name), and when this node owns the incoming gradient (no
 // other reference to it or to its storage, memory from the default CPU allocator) grad_x is
-// written into the gradient's own buffer: no allocation, and the buffer is already in cache. A backward that is itself differentiated (create_graph=True) is written
-// with ATen ops instead, so that double backward equals the reference's: the reference's
-// gradient is linear in the incoming gradient g with detached coefficients,
+// written into the gradient's own buffer: no allocation, and the buffer is already in cache.
+//
+// A backward that is itself differentiated (create_graph=True) is written with ATen ops
+// instead, so that double backward equals the reference's: the reference's gradient is linear
+// in the incoming gradient g with detached coefficients,
 //   grad_x = g * inside,  grad_param = sum(g * factor),
 // so its own derivative flows only through g. The *_backward ops are not differentiable and
 // say so when asked to be.
