@@ -83,7 +83,8 @@ def _states(state: Any, cls: type | tuple[type, ...]) -> list[Any]:
 def statistics(graph: Any, state: Any) -> Report:
     """Tables of every quantizer (key, weight/activation, bits, mode, per-channel, signedness,
     range), of every sparsified weight (actual level against the schedule's target) and of
-    every filter-pruning group (channels, pruned channels)."""
+    every filter-pruning group (channels, pruned channels, parameters and FLOPs before / after
+    removing them; ``purecomp.transforms.prune.cost``)."""
     from purecomp.transforms.quantize import QuantizationState
     from purecomp.transforms.sparsity import (
         ConstSparsityState,
@@ -94,7 +95,7 @@ def statistics(graph: Any, state: Any) -> Report:
     quant = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
     from purecomp.transforms.prune import FilterPruningState
 
-    pruning = [row for s in _states(state, FilterPruningState) for row in s.rows()]
+    pruning = [row for s in _states(state, FilterPruningState) for row in s.rows(graph)]
     sparse = [
         {"method": type(s).__name__.replace("State", ""), **row}
         for s in _states(state, (MagnitudeSparsityState, RBSparsityState, ConstSparsityState))

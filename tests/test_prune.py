@@ -511,3 +511,53 @@ def test_torchvision_models_shrink_exactly(name, tmp_path):
     for level in (0.3, 0.5):
         ratios = _check_removal(model, x, level, tmp_path, onnx=name in ("resnet18", "mobilenet_v2", "mobilenet_v3_small"))
         assert ratios["params"] < 1 and ratios["flops"] < 1
+
+
+# ------------------------------------------------------------------ statistics per group
+
+
+def _overlap(state: FilterPruningState, shapes: dict[str, tuple[int, ...]], costs) -> tuple[int, int]:
+    """Parameters and FLOPs that two groups both remove: a weight that loses ``r_out`` filters to
+    one group and ``r_in`` input channels to another shares ``r_out * r_in`` slices."""
+    removed = removed_counts(state.groups, state.pruned_classes())
+    params = sum(removed.get((n, 0), 0) * removed.get((n, 1), 0) * math.prod(s[2:]) for n, s in shapes.items() if len(s) >= 2)
+    flops = sum(c.unit * removed.get((c.param, c.out_axis), 0) * removed.get((c.param, c.in_axis), 0) for c in costs)
+    return params, int(flops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("everything", [False, True], ids=["defaults", "first_and_downsample_convs"])
+def test_group_statistics_match_flop_counter_and_the_materialized_model(everything):
+    """Each group's row is what removing only its channels saves, measured on a materialized
+    model with FlopCounterMode; the (all) row is the fully pruned model; per-group savings add
+    up to the total, except the slices of a weight that two groups cut (counted in both)."""
+    from purecomp.struct import replace
+    from purecomp.transforms.prune import layer_costs
+
+    model, x = torchvision_model("resnet18")
+    x = x[:1]
+    graph = _graph(model, x)
+    method = pc.filter_pruning(0.5, prune_first_conv=everything, prune_downsample_convs=everything)
+    params = dict(model.named_parameters())
+    state = method.init(graph, params)
+    *rows, total = pc.statistics(graph, state)["pruning"].rows
+    assert len(rows) == len(state.groups.prunable) and total["group"] == "(all)"
+    base = pc.model_cost(model, x)
+    small = pc.model_cost(export.materialize(model, method, params, state), x)  # no graph: no BN folding
+    assert (total["params before"], total["params after"]) == (base["params"], small["params"])
+    assert (total["FLOPs before"], total["FLOPs after"]) == (base["flops"], small["flops"])
+    for row in rows:
+        g = row["group"]
+        only = replace(state, pruned=tuple(p if i == g else () for i, p in enumerate(state.pruned)))
+        one = pc.model_cost(export.materialize(model, method, params, only), x)
+        assert row["pruned"] == len(state.pruned[g]) > 0
+        assert row["params before"] - row["params after"] == base["params"] - one["params"] > 0
+        assert row["FLOPs before"] - row["FLOPs after"] == base["flops"] - one["flops"] > 0
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shared_params, shared_flops = _overlap(state, shapes, layer_costs(graph))
+    assert (shared_params > 0) == everything
+    saved_params = sum(r["params before"] - r["params after"] for r in rows)
+    saved_flops = sum(r["FLOPs before"] - r["FLOPs after"] for r in rows)
+    assert saved_params - shared_params == base["params"] - small["params"]
+    assert saved_flops - shared_flops == base["flops"] - small["flops"]
+    assert "FLOPs after" in str(pc.statistics(graph, state))

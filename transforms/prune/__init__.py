@@ -1,5 +1,6 @@
 """Filter pruning: structured sparsity that removes whole channels."""
 
+from .cost import group_rows, kept_params
 from .criteria import CRITERIA, class_importance, filter_importance
 from .flops import LayerCost, layer_costs, removed_counts, total_flops
 from .groups import ChannelClass, ChannelGroup, PruningGroups, Slot, channel_groups
@@ -24,6 +25,8 @@ __all__ = [
     "class_importance",
     "filter_importance",
     "filter_pruning",
+    "group_rows",
+    "kept_params",
     "layer_costs",
     "prune_order",
     "pruning_masks",

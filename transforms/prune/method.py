@@ -19,6 +19,7 @@ from purecomp.graph import ModelGraph
 from purecomp.schedules import Schedule
 from purecomp.struct import replace, static_field, struct
 
+from .cost import group_rows
 from .criteria import CRITERIA, class_importance
 from .flops import LayerCost, layer_costs, removed_counts, total_flops
 from .groups import MASKED_ROLES, PruningGroups, channel_groups
@@ -43,18 +44,10 @@ class FilterPruningState:
         """``(group, class)`` of every pruned channel."""
         return [(g, c) for g, cs in enumerate(self.pruned) for c in cs]
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Per prunable group: its layers, channels and pruned channels (and a total row)."""
-        rows = []
-        for g in self.groups.prunable:
-            group = self.groups.groups[g]
-            rows.append({"group": g, "layers": ", ".join(group.layers), "channels": len(group.classes),
-                         "pruned": len(self.pruned[g]), "level": len(self.pruned[g]) / len(group.classes)})
-        total = sum(len(self.groups.groups[g].classes) for g in self.groups.prunable)
-        removed = sum(len(p) for p in self.pruned)
-        rows.append({"group": "(all)", "layers": "", "channels": total, "pruned": removed,
-                     "level": removed / max(1, total)})
-        return rows
+    def rows(self, graph: ModelGraph) -> list[dict[str, Any]]:
+        """Per prunable group: its layers, channels, pruned channels, and parameters and FLOPs
+        before / after removing them (``cost.group_rows``); then the whole-model ``(all)`` row."""
+        return group_rows(graph, self.groups, self.pruned, self.costs)
 
 
 def prune_order(groups: PruningGroups, params: Mapping[str, Tensor], criterion: str) -> list[tuple[int, int]]:
