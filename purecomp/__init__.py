@@ -7,6 +7,7 @@ from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
 from .stats import model_cost, pruning_cost, statistics, trainable
+from .transforms.binarize import StagedSchedule, apply_to_optimizer, binarization
 from .transforms.prune import filter_pruning
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
@@ -21,8 +22,11 @@ __all__ = [
     "QuantizerSettings",
     "RangeInit",
     "TensorRef",
+    "StagedSchedule",
     "adapt_batchnorm",
     "apply",
+    "apply_to_optimizer",
+    "binarization",
     "compile_apply",
     "chain",
     "const_sparsity",

@@ -86,6 +86,7 @@ def register_algorithm(name: str, builder: AlgorithmBuilder) -> None:
 
 
 def _register_builtins() -> None:
+    from purecomp.transforms.binarize.from_config import binarization_from_config
     from purecomp.transforms.prune.from_config import filter_pruning_from_config
     from purecomp.transforms.quantize.from_config import quantization_from_config
     from purecomp.transforms.sparsity.from_config import (
@@ -99,6 +100,7 @@ def _register_builtins() -> None:
     ALGORITHMS.setdefault("rb_sparsity", rb_from_config)
     ALGORITHMS.setdefault("const_sparsity", const_from_config)
     ALGORITHMS.setdefault("filter_pruning", filter_pruning_from_config)
+    ALGORITHMS.setdefault("binarization", binarization_from_config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,66 @@ class Dequantize(nn.Module):
         return torch.ops.purecomp.dq(q, self.scale, self.zero_point, self.axis)
 
 
+class BinarizeActivation(nn.Module):
+    """An activation binarizer in export form: ``where(x > s t, s, 0)`` with constant ``s`` and
+    per-channel ``s t`` (ONNX: Greater, Where)."""
+
+    def __init__(self, scale: Tensor, threshold: Tensor, axis: int, rank: int) -> None:
+        super().__init__()
+        shape = [1] * rank
+        shape[axis] = -1
+        self.register_buffer("scale", scale.reshape(()))
+        self.register_buffer("threshold", threshold.reshape(shape))
+        self.register_buffer("zero", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x.float() > self.threshold, self.scale, self.zero).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.4g}, channels={self.threshold.numel()}"
+
+
+class BinarizedWeight:
+    """Marks a binarized weight for BatchNorm folding (which leaves its layer unfolded)."""
+
+
+def _binarize_weight(module: nn.Module, attr: str, weight: Tensor) -> None:
+    """Store ``sign * alpha`` as int8 signs behind a per-filter ``purecomp::dq`` (exactly the same values)."""
+    w = weight.detach().float()
+    dims = tuple(range(1, w.dim()))
+    alpha = w.abs().amax(dim=dims) if dims else w.abs()
+    signs = torch.where(w > 0, 1, -1).to(torch.int8)
+    zero_point = torch.zeros_like(alpha, dtype=torch.int8)
+    parametrize.register_parametrization(module, attr, Dequantize(alpha.contiguous(), zero_point, 0), unsafe=True)
+    getattr(module.parametrizations, attr).original = nn.Parameter(signs, requires_grad=False)
+
+
+def _binarizers(state: Any, graph: ModelGraph | None) -> tuple[tuple[str, ...], dict[str, nn.Module]]:
+    """(binarized weight names, export modules of the activation binarizers) of the enabled stages."""
+    from purecomp.transforms.binarize import BinarizationState
+
+    found = _states(state, BinarizationState)
+    if len(found) > 1:
+        raise StateError(f"materialize supports one binarization method in a chain; found {len(found)}")
+    if not found:
+        return (), {}
+    bstate = found[0]
+    weights = bstate.weights if bstate.weights_on else ()
+    modules: dict[str, nn.Module] = {}
+    if bstate.activations_on:
+        for key, b in bstate.activations.items():
+            site = key.rsplit(":", 1)[0]
+            if graph is not None and graph.has_site(site):
+                rank = len(graph.node(site).input_info[0].shape)
+            else:
+                rank = 4  # binarized inputs are those of conv2d
+            with torch.no_grad():
+                scale = b.scale.detach().float()
+                threshold = (scale.reshape(()) * b.threshold.detach().float())
+            modules[key] = BinarizeActivation(scale, threshold, b.axis % rank, rank)
+    return weights, modules
+
+
 class MaterializedModel(nn.Module):
     """``model`` (a modified copy) run with its activation quantizers at their call sites."""
 
@@ -159,8 +219,9 @@ def materialize(
     """
     state = with_training(state, False)
     qstate = _quantization_state(state)
+    binarized, binarizers = _binarizers(state, graph)
     sites = method.sites(state)
-    known = set(qstate.activations) if qstate else set()
+    known = (set(qstate.activations) if qstate else set()) | set(binarizers)
     unknown = sorted(set(sites) - known)
     if unknown:
         raise StateError(f"cannot materialize the activation transforms at {unknown[:5]}: only quantizers are supported")
@@ -169,6 +230,8 @@ def materialize(
     _bake_params(copy_model, final)
     weights = dict(qstate.weights) if qstate else {}
     pstate = _pruning_state(state)
+    if pstate is not None and (binarized or binarizers):
+        raise StateError("materialize does not combine filter pruning with binarization; materialize one of them")
     if pstate is not None:
         kept = prune_channels(copy_model, pstate)
         current = dict(copy_model.named_parameters())
@@ -177,10 +240,13 @@ def materialize(
     for name, quantizer in weights.items():
         module, attr = _owner(copy_model, name)
         _quantize_weight(module, attr, final[name], quantizer)
+    for name in binarized:
+        module, attr = _owner(copy_model, name)
+        _binarize_weight(module, attr, final[name])
     remap: dict[str, str] = {}
     if graph is not None:
-        remap = fold_batchnorms(copy_model, graph, weights)
-    quantizers = {}
+        remap = fold_batchnorms(copy_model, graph, {**weights, **{name: BinarizedWeight() for name in binarized}})
+    quantizers: dict[str, nn.Module] = dict(binarizers)
     for key, quantizer in (qstate.activations.items() if qstate else []):
         scale, zero_point, qmin, qmax = integer_grid(quantizer)
         quantizers[remap.get(key, key)] = QuantizeDequantize(scale, zero_point, qmin, qmax)
