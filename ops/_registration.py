@@ -1,4 +1,4 @@
-"""Python-side kernels of the C++ ops ``purecomp::fake_quantize_*``: fake (meta) and vmap.
+"""Python-side kernels of the C++ ops ``purecomp::fake_quantize_*`` and ``purecomp::activation_binarize``: fake (meta) and vmap.
 
 Imported by ``build`` right after the library loads (the C++ ``TORCH_LIBRARY`` names this
 module with ``set_python_module``); CPU and autograd kernels are C++ (``csrc/``). Schemas:
@@ -206,3 +206,72 @@ def _asym_backward_vmap(
 ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
     op = torch.ops.purecomp.fake_quantize_asymmetric_backward
     return _vmap_backward(op, info, in_dims, grad, x, [input_low, input_range], (levels,), axis)
+
+
+# ---------------------------------------------------------------- activation binarization
+# ``activation_binarize(x, scale, threshold, axis) -> out`` and
+# ``activation_binarize_backward(grad, x, scale, threshold, axis) -> (grad_x, grad_scale, grad_threshold)``:
+# ``scale`` holds one value, ``threshold`` has shape ``(C,)`` along ``axis`` (csrc/binarize.cpp).
+
+BIN = "purecomp::activation_binarize"
+BIN_BACKWARD = "purecomp::activation_binarize_backward"
+
+
+@torch.library.register_fake(BIN)
+def _bin_fake(x: Tensor, scale: Tensor, threshold: Tensor, axis: int) -> Tensor:
+    return _like_output(x)
+
+
+@torch.library.register_fake(BIN_BACKWARD)
+def _bin_backward_fake(
+    grad: Tensor, x: Tensor, scale: Tensor, threshold: Tensor, axis: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _like_output(x), _like_param(scale), _like_param(threshold)
+
+
+# vmap: one kernel call when the scale is shared (per-sample thresholds become B*C channels);
+# a per-sample scale (the kernel takes one) and the backward (whose scale gradient is per sample)
+# run the kernel once per sample.
+
+
+def _per_sample(op: Any, batch: int, args: list[tuple[Tensor, int | None]], axis: int) -> list[Any]:
+    def pick(t: Tensor, d: int | None, i: int) -> Tensor:
+        return t if d is None else t.select(d, i)
+
+    return [op(*[pick(t, d, i) for t, d in args], axis) for i in range(batch)]
+
+
+@torch.library.register_vmap(BIN)
+def _bin_vmap(
+    info: Any, in_dims: tuple[Any, ...], x: Tensor, scale: Tensor, threshold: Tensor, axis: int
+) -> tuple[Tensor, int]:
+    op = torch.ops.purecomp.activation_binarize
+    batch = info.batch_size
+    x_dim, scale_dim, threshold_dim = in_dims[:3]
+    if scale_dim is not None:
+        args = [(x, x_dim), (scale, scale_dim), (threshold, threshold_dim)]
+        return torch.stack(_per_sample(op, batch, args, axis)), 0
+    xb = _batch_first(x, x_dim, batch)
+    axis = axis % (xb.dim() - 1)
+    if threshold_dim is None:
+        return op(xb, scale, threshold, axis + 1), 0
+    merged, channel_axis = _merge_channels(xb, axis)
+    tb = _batch_first(threshold, threshold_dim, batch)
+    out = op(merged, scale, tb.reshape(-1), channel_axis)
+    return _split_channels(out, xb, axis), 0
+
+
+@torch.library.register_vmap(BIN_BACKWARD)
+def _bin_backward_vmap(
+    info: Any,
+    in_dims: tuple[Any, ...],
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    threshold: Tensor,
+    axis: int,
+) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    op = torch.ops.purecomp.activation_binarize_backward
+    args = [(grad, in_dims[0]), (x, in_dims[1]), (scale, in_dims[2]), (threshold, in_dims[3])]
+    results = _per_sample(op, info.batch_size, args, axis)
+    return tuple(torch.stack(r) for r in zip(*results)), (0, 0, 0)

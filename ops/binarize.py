@@ -1,12 +1,17 @@
 """Public binarization functions.
 
 Weights: ``xnor_binarize`` and ``dorefa_binarize`` (pure-torch, straight-through).
-Activations: ``activation_binarize`` (scale-threshold, paper eq. 5); the router of
-``dispatch`` records which path ran.
+Activations: ``activation_binarize`` (scale-threshold, paper eq. 5), routed like the
+fake-quantize ops (``dispatch``): the C++ op ``torch.ops.purecomp.activation_binarize`` (C++
+autograd kernel) for eager, transform-free CPU calls with float32/float16/bfloat16 ``x`` and
+float32 parameters, the reference everywhere else (``torch.compile``, ``torch.func`` transforms,
+forward-AD tangents, other devices or dtypes, ``PURECOMP_OPS=reference``). ``record_paths``
+records ``"cpp"`` or ``"reference"``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from purecomp.errors import QuantizerRangeError
@@ -16,10 +21,19 @@ from .binarize_reference import (
     dorefa_binarize_reference,
     xnor_binarize_reference,
 )
-from .dispatch import _note_path
+from .dispatch import _note_path, _recorders, _use_cpp
 
 xnor_binarize = xnor_binarize_reference
 dorefa_binarize = dorefa_binarize_reference
+
+_BIN_OP = None
+
+
+def _binarize_op():
+    global _BIN_OP
+    if _BIN_OP is None:
+        _BIN_OP = torch.ops.purecomp.activation_binarize.default
+    return _BIN_OP
 
 
 def _check_activation_params(x: Tensor, scale: Tensor, threshold: Tensor, axis: int) -> int:
@@ -40,8 +54,13 @@ def _check_activation_params(x: Tensor, scale: Tensor, threshold: Tensor, axis: 
 def activation_binarize(x: Tensor, scale: Tensor, threshold: Tensor, axis: int = 1) -> Tensor:
     """``out = s * H(x - s * t)``: ``s`` (one positive value), ``t`` per channel along ``axis``.
 
-    See ``binarize_reference.activation_binarize_reference`` for the gradients.
+    See ``binarize_reference.activation_binarize_reference`` for the gradients; the C++ path
+    gives the same output bit for bit and the same gradients to float rounding.
     """
     axis = _check_activation_params(x, scale, threshold, axis)
+    if _use_cpp(x, scale, threshold):
+        if _recorders:
+            _note_path("cpp")
+        return (_BIN_OP if _BIN_OP is not None else _binarize_op())(x, scale, threshold, axis)
     _note_path("reference")
     return activation_binarize_reference(x, scale, threshold, axis)

@@ -6,7 +6,7 @@ pure-torch reference with one warning if the build fails), ``cpp`` (a failed bui
 
 The library is built with ``torch.utils.cpp_extension.load`` into
 ``$PURECOMP_CACHE_DIR`` (default ``~/.cache/purecomp``, or ``$XDG_CACHE_HOME/purecomp``)
-``/ops-<torch version>-<hash of sources and flags>``; cpp_extension's own file lock makes
+``/ops-<torch version>-<hash of sources, headers and flags>``; cpp_extension's own file lock makes
 concurrent first uses safe, and a changed source or torch gives a new directory.
 """
 
@@ -89,10 +89,15 @@ def cflags() -> list[str]:
     return ["-O3", "-fopenmp", "-ffp-contract=off", *_cpu_flags()]
 
 
+def headers() -> list[Path]:
+    """The headers the sources include (every ``csrc/*.h``, sorted): part of the build key."""
+    return sorted(CSRC.glob("*.h"))
+
+
 def build_directory() -> Path:
-    """Cache directory keyed by torch version, sources and flags."""
+    """Cache directory keyed by torch version, sources, headers and flags."""
     digest = hashlib.sha256()
-    for path in sources():
+    for path in [*sources(), *headers()]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     digest.update(" ".join(cflags()).encode())

@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "autograd_util.h"
 #include "fake_quantize.h"
 
 namespace purecomp {
@@ -44,66 +45,7 @@ using AsymBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::
                                                                       const at::Tensor&, const at::Tensor&, int64_t,
                                                                       std::optional<int64_t>);
 
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
-// Per-channel values as a tensor that broadcasts over x (reference.broadcast_param).
-at::Tensor channel_tensor(const std::vector<float>& values, const at::Tensor& x, std::optional<int64_t> axis) {
-  at::Tensor t = at::tensor(values, at::TensorOptions().dtype(at::kFloat));
-  if (!axis.has_value()) return t.reshape({});
-  std::vector<int64_t> shape(x.dim(), 1);
-  shape[*axis < 0 ? *axis + x.dim() : *axis] = -1;
-  return t.reshape(shape);
-}
-
-// Sum over the axes a parameter broadcasts over (all, or all but the channel axis), in its shape.
-at::Tensor reduce_to(const at::Tensor& terms, std::optional<int64_t> axis, const at::Tensor& param) {
-  if (!axis.has_value()) return terms.sum().reshape(param.sizes());
-  const int64_t a = *axis < 0 ? *axis + terms.dim() : *axis;
-  std::vector<int64_t> dims;
-  for (int64_t d = 0; d < terms.dim(); ++d) {
-    if (d != a) dims.push_back(d);
-  }
-  return (dims.empty() ? terms : terms.sum(dims)).reshape(param.sizes());
-}
-
-std::optional<int64_t> saved_axis(AutogradContext* ctx) {
-  return ctx->saved_data["axis"].toOptional<int64_t>();
-}
-
-void save_axis(AutogradContext* ctx, std::optional<int64_t> axis) {
-  ctx->saved_data["axis"] = axis.has_value() ? c10::IValue(*axis) : c10::IValue();
-}
-
-// A dense CPU tensor without subclass, conjugate/negative view or other extra dispatch keys.
-bool plain_cpu(const at::Tensor& t) {
-  static const c10::DispatchKeySet allowed({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
-                                            c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
-  return t.defined() && t.layout() == at::kStrided && allowed.isSupersetOf(t.key_set());
-}
-
-// True when the dispatcher would send these tensors straight to the CPU kernel: plain tensors and
-// no Python dispatch mode, functorch transform or functionalization active on this thread.
-bool direct_cpu_call(std::initializer_list<at::Tensor> tensors) {
-  static const c10::DispatchKeySet intercepting({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                                 c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-                                                 c10::DispatchKey::FuncTorchDynamicLayerBackMode,
-                                                 c10::DispatchKey::Functionalize, c10::DispatchKey::PreDispatch});
-  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(intercepting)) return false;
-  for (const auto& t : tensors) {
-    if (!plain_cpu(t)) return false;
-  }
-  return true;
-}
-
-// The caller holds the only reference to g and to its storage, and the memory is the default
-// CPU allocator's (not borrowed from numpy, DLPack, ...): g may be overwritten.
-bool owned(const at::Tensor& g) {
-  return g.use_count() == 1 && g.storage().use_count() == 1 && !g.is_inference() &&
-         g.storage().data_ptr().get_deleter() == c10::GetDefaultCPUAllocator()->raw_deleter();
-}
+using namespace autograd_util;
 
 class SymmetricFunction : public torch::autograd::Function<SymmetricFunction> {
  public:
@@ -217,15 +159,6 @@ at::Tensor symmetric_autograd(const at::Tensor& x, const at::Tensor& scale, int6
 at::Tensor asymmetric_autograd(const at::Tensor& x, const at::Tensor& input_low, const at::Tensor& input_range,
                                int64_t levels, std::optional<int64_t> axis) {
   return AsymmetricFunction::apply(x, input_low, input_range, levels, axis);
-}
-
-void check_not_differentiated(const char* name, std::initializer_list<at::Tensor> inputs) {
-  if (!at::GradMode::is_enabled()) return;
-  for (const auto& t : inputs) {
-    TORCH_CHECK(!t.requires_grad(), name,
-                " is not differentiable; differentiate the forward op (its backward is) or use the "
-                "pure-torch reference in purecomp.ops.reference");
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> symmetric_backward_autograd(const at::Tensor& grad, const at::Tensor& x,

@@ -792,6 +792,14 @@ def test_build_directory_is_keyed_by_torch_and_sources(monkeypatch, tmp_path):
     directory = build.build_directory()
     assert directory.parent == tmp_path
     assert torch.__version__.replace("+", "_") in directory.name
-    assert [p.name for p in build.sources()] == ["fake_quantize.cpp", "fake_quantize_autograd.cpp"]
+    assert [p.name for p in build.sources()] == [
+        "binarize.cpp",
+        "binarize_autograd.cpp",
+        "fake_quantize.cpp",
+        "fake_quantize_autograd.cpp",
+    ]
+    assert {"autograd_util.h", "binarize.h", "cpu_kernels.h", "fake_quantize.h"} <= {
+        p.name for p in build.headers()
+    }
     monkeypatch.setattr(build, "cflags", lambda: ["-O0"])
     assert build.build_directory() != directory
