@@ -33,6 +33,32 @@ def digits_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
+def resnet18_style(num_classes: int = 10, width: int = 16) -> nn.Module:
+    """ResNet-18's layout (torchvision BasicBlocks, [2, 2, 2, 2], 1x1 downsample convs) for 1-channel
+    images, ``width`` channels in the first stage (ResNet-18 has 64), a 3x3 stride-1 stem and no max
+    pool (the images are 8x8 or 28x28). Module names follow torchvision's (``layer2.0.downsample``)."""
+    from collections import OrderedDict
+
+    from torchvision.models.resnet import BasicBlock
+
+    def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+        down = None
+        if stride != 1 or cin != cout:
+            down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential(BasicBlock(cin, cout, stride, down), BasicBlock(cout, cout))
+
+    w = width
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, w, 3, 1, 1, bias=False), bn1=nn.BatchNorm2d(w), relu=nn.ReLU(inplace=True),
+        layer1=stage(w, w, 1), layer2=stage(w, 2 * w, 2), layer3=stage(2 * w, 4 * w, 2),
+        layer4=stage(4 * w, 8 * w, 2), avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+        fc=nn.Linear(8 * w, num_classes),
+    ))
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"digits_cnn": digits_cnn, "resnet18": resnet18_style}
+
+
 def load_digits_split() -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn digits: images scaled to [0, 1], a stratified 80/20 split (seed 0)."""
     from sklearn.datasets import load_digits
@@ -168,12 +194,14 @@ class Baseline:
     accuracy: float
 
 
-def train_baseline(dataset: str, epochs: int, seed: int) -> Baseline:
-    """Load ``dataset``, train the digits CNN in FP32 (Adam 3e-3, cosine) and evaluate it."""
+def train_baseline(dataset: str, epochs: int, seed: int, arch: str = "digits_cnn") -> Baseline:
+    """Load ``dataset``, train ``arch`` (``ARCHITECTURES``) in FP32 (Adam 3e-3, cosine) and evaluate it."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     torch.manual_seed(seed)
     train_set, test_set = load_dataset(dataset)
     train, test = loader(train_set, 64, True, seed), loader(test_set, 256, False)
-    model = digits_cnn()
+    model = ARCHITECTURES[arch]()
     train_epochs(model, model.parameters(), train, epochs, 3e-3, "FP32 training")
     model.eval()
     return Baseline(train_set, test_set, train, test, model, accuracy(model, test))

@@ -84,7 +84,8 @@ def statistics(graph: Any, state: Any) -> Report:
     """Tables of every quantizer (key, weight/activation, bits, mode, per-channel, signedness,
     range), of every sparsified weight (actual level against the schedule's target) and of
     every filter-pruning group (channels, pruned channels, parameters and FLOPs before / after
-    removing them; ``purecomp.transforms.prune.cost``)."""
+    removing them; ``purecomp.transforms.prune.cost``) and of every binarized weight and input
+    (mode, stage enabled, activation scale and threshold range)."""
     from purecomp.transforms.quantize import QuantizationState
     from purecomp.transforms.sparsity import (
         ConstSparsityState,
@@ -101,7 +102,13 @@ def statistics(graph: Any, state: Any) -> Report:
         for s in _states(state, (MagnitudeSparsityState, RBSparsityState, ConstSparsityState))
         for row in s.rows()
     ]
-    return Report((Table("quantizers", tuple(quant)), Table("sparsity", tuple(sparse)), Table("pruning", tuple(pruning))))
+    from purecomp.transforms.binarize import BinarizationState
+
+    binarized = [row for s in _states(state, BinarizationState) for row in s.rows()]
+    return Report((
+        Table("quantizers", tuple(quant)), Table("sparsity", tuple(sparse)), Table("pruning", tuple(pruning)),
+        Table("binarization", tuple(binarized)),
+    ))
 
 
 def trainable(state: Any) -> list[Any]:

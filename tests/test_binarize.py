@@ -350,3 +350,11 @@ def test_binarization_and_pruning_do_not_materialize_together():
 def test_log_scale_reparametrization():
     b = pc.transforms.binarize.ActivationBinarizer(torch.tensor([math.log(2.0)]), torch.zeros(3))
     assert b.scale.item() == pytest.approx(2.0) and torch.allclose(b.threshold, torch.full((3,), 0.5))
+
+
+def test_statistics_table_lists_binarized_weights_and_inputs():
+    model, method, params, state, graph, x = _staged_digits_state()
+    table = pc.statistics(graph, state)["binarization"]
+    kinds = [row["kind"] for row in table.rows]
+    assert kinds.count("weight") == 2 and kinds.count("activation") == 2
+    assert "3/conv2d#0:in0" in str(table)
