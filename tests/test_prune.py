@@ -381,9 +381,10 @@ def test_flops_target_removes_at_least_that_fraction_of_flops():
 # ------------------------------------------------------------------ physical removal
 
 
-def _check_removal(model: nn.Module, x: torch.Tensor, level: float, tmp_path, onnx: bool = True) -> dict:
+def _check_removal(model: nn.Module, x: torch.Tensor, level: float, tmp_path, onnx: bool = True,
+                   **options) -> dict:
     graph = _graph(model, x)
-    method = pc.filter_pruning(level, criterion="geometric_median")
+    method = pc.filter_pruning(level, criterion="geometric_median", **options)
     params = dict(model.named_parameters())
     state = method.init(graph, params)
     assert state.pruned_classes()
@@ -450,14 +451,15 @@ _SMALL_MODELS = {"unet": (UNet, (1, 3, 16, 16)), "vgg_mlp": (_VggMlp, (2, 3, 6, 
 @settings(max_examples=12, deadline=None)
 @given(name=st.sampled_from(sorted(_SMALL_MODELS)), level=st.floats(0.0, 0.98),
        criterion=st.sampled_from(["L1", "L2", "geometric_median"]), seed=st.integers(0, 2**16),
-       flags=st.tuples(st.booleans(), st.booleans()))
+       flags=st.tuples(st.booleans(), st.booleans(), st.booleans()))
 def test_removal_equals_masking_at_any_level(name, level, criterion, seed, flags):
     torch.manual_seed(seed)
     build, shape = _SMALL_MODELS[name]
     model = randomize_batchnorms(build().eval(), seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     graph = _graph(model, x)
-    method = pc.filter_pruning(level, criterion=criterion, prune_first_conv=flags[0], prune_downsample_convs=flags[1])
+    method = pc.filter_pruning(level, criterion=criterion, prune_first_conv=flags[0], prune_downsample_convs=flags[1],
+                               prune_batch_norms=flags[2])
     params = dict(model.named_parameters())
     state = method.init(graph, params)
     masked = pc.apply(model, method, params, state, x).detach()
@@ -561,3 +563,95 @@ def test_group_statistics_match_flop_counter_and_the_materialized_model(everythi
     assert saved_params - shared_params == base["params"] - small["params"]
     assert saved_flops - shared_flops == base["flops"] - small["flops"]
     assert "FLOPs after" in str(pc.statistics(graph, state))
+
+
+# ------------------------------------------------------------------ prune_batch_norms=False
+
+
+def _batchnorm_constants_case(model: nn.Module, x: torch.Tensor, level: float, **options):
+    """Masked output, materialized model and state with batch norms left unmasked."""
+    graph = _graph(model, x)
+    method = pc.filter_pruning(level, prune_batch_norms=False, **options)
+    params = dict(model.named_parameters())
+    state = method.init(graph, params)
+    masked = pc.apply(model, method, params, state, x).detach()
+    return masked, export.materialize(model, method, params, state, graph=graph), state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("everything", [False, True], ids=["defaults", "first_and_downsample_convs"])
+def test_unmasked_batchnorm_constants_are_folded_on_resnet18(everything, tmp_path):
+    """Pruned channels carry beta - mu gamma / sigma through ReLU into 3x3 zero-padded convs (and
+    the residual stages); the export folds it (ones channel) and equals the masked model."""
+    from purecomp.export.prune_constants import OnesChannelConv2d, carries_constants
+
+    model, x = torchvision_model("resnet18")
+    randomize_batchnorms(model)
+    masked, small, state = _batchnorm_constants_case(model, x, 0.5, prune_first_conv=everything,
+                                                     prune_downsample_convs=everything)
+    assert carries_constants(state) and not state.masks.keys() & {"layer1.0.bn1.weight", "layer1.0.bn1.bias"}
+    assert isinstance(small.model.layer1[0].conv2, OnesChannelConv2d)
+    assert small.model.layer1[0].conv2.in_channels == small.model.layer1[0].conv1.out_channels + 1
+    assert float((small(x) - masked).abs().max() / masked.abs().max()) < 1e-4
+    dropped = export.materialize(model, pc.filter_pruning(0.5, prune_batch_norms=False), dict(model.named_parameters()),
+                                 replace_masks_only(state))
+    assert float((dropped(x) - masked).abs().max() / masked.abs().max()) > 1e-3  # the constants matter
+    if everything:
+        path = export.to_onnx(model, pc.filter_pruning(0.5, prune_batch_norms=False, prune_first_conv=True,
+                                                       prune_downsample_convs=True),
+                              dict(model.named_parameters()), state, (x,), tmp_path / "resnet18_bn_constants.onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert float(np.abs(got - masked.numpy()).max() / masked.abs().max()) < 1e-4
+
+
+def replace_masks_only(state: FilterPruningState) -> FilterPruningState:
+    """The same pruned channels, but a state that claims batch norms were zeroed (so export removes
+    the channels without folding their constants): the wrong export, for contrast."""
+    from purecomp.struct import replace
+
+    return replace(state, prune_batch_norms=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "unet", "vgg_mlp"])
+def test_unmasked_batchnorm_constants_are_folded(name, tmp_path):
+    """Depthwise convs (masked rows stop the constant), ConvTranspose and bilinear upsampling
+    (UNet), flatten -> linear column blocks and BatchNorm1d before a linear (bias fold)."""
+    if name == "mobilenet_v2":
+        model, x = torchvision_model(name)
+    else:
+        build, shape = _SMALL_MODELS[name]
+        model, x = build().eval(), torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    randomize_batchnorms(model)
+    for level in (0.3, 0.5):
+        _check_removal(model, x, level, tmp_path, onnx=name != "mobilenet_v2", prune_batch_norms=False)
+
+
+def test_a_constant_that_varies_at_its_consumer_is_refused():
+    """A zero-padded average pool between batch norm and consumer makes the pruned channel's
+    constant position-dependent: not foldable, so the export refuses."""
+
+    class PaddedPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = nn.functional.avg_pool2d(torch.relu(self.bn(self.a(x))), 3, stride=1, padding=1)
+            return self.b(y)
+
+    model = PaddedPool().eval()
+    with torch.no_grad():
+        model.bn.bias.fill_(0.5)
+    x = torch.randn(2, 3, 6, 6)
+    graph = _graph(model, x)
+    method = pc.filter_pruning(0.5, prune_first_conv=True, prune_batch_norms=False)
+    params = dict(model.named_parameters())
+    state = method.init(graph, params)
+    with pytest.raises(StateError, match=r"removed input \d+ of 'b' is not a constant"):
+        export.materialize(model, method, params, state, graph)
+    kept = pc.filter_pruning(0.5, prune_first_conv=True).init(graph, params)  # with prune_batch_norms: exact zeros
+    small = export.materialize(model, pc.filter_pruning(0.5, prune_first_conv=True), params, kept, graph)
+    masked = pc.apply(model, pc.filter_pruning(0.5, prune_first_conv=True), params, kept, x)
+    assert torch.allclose(small(x), masked, atol=1e-5)

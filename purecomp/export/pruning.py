@@ -4,8 +4,9 @@ For each pruned channel class every slot goes: producer filters (conv weight axi
 transpose axis 1) and biases, batch-norm rows (weight, bias, running statistics), depthwise
 conv rows (in, out and ``groups`` shrink together), consumer input channels (conv weight
 axis 1, conv-transpose axis 0) and linear input column blocks. Modules are rebuilt with the
-surviving slices and swapped into the (already copied) model. Because pruned channels are
-exactly zero at every consumer in the masked model, the result computes the same function.
+surviving slices and swapped into the (already copied) model. Pruned channels are exactly zero
+at every consumer in the masked model, or (``prune_batch_norms=False``) a constant that is folded
+into the consumer (``prune_constants``), so the result computes the same function.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from purecomp.errors import StateError
+
+from .prune_constants import carries_constants, consumer_constants, fold_constants
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -108,7 +111,11 @@ def _rebuilt(module: nn.Module, removed: Mapping[int, set[int]], path: str) -> n
 
 def prune_channels(model: nn.Module, state: Any) -> dict[str, dict[int, Tensor]]:
     """Replace every module touched by ``state``'s pruned channels (in place, on a copy of the
-    user's model) with a smaller one. Returns ``{param: {axis: kept indices}}``."""
+    user's model, its masks baked in) with a smaller one; constants that pruned channels carry
+    past batch norms (``prune_batch_norms=False``) are folded into their consumers
+    (``prune_constants``). Returns ``{param: {axis: kept indices}}``."""
+    constants = consumer_constants(model, state) if carries_constants(state) else {}
+    old_modules = {path: model.get_submodule(path) for path in constants}
     removed = removed_slices(state)
     by_module: dict[str, dict[int, set[int]]] = {}
     for name, axes in removed.items():
@@ -132,6 +139,7 @@ def prune_channels(model: nn.Module, state: Any) -> dict[str, dict[int, Tensor]]
             kept[f"{path}.{pname}" if path else pname] = {
                 axis: _keep(shape[axis], drop) for axis, drop in removed.get(f"{path}.{pname}", {}).items()
             }
+    fold_constants(model, old_modules, constants, kept)
     return kept
 
 

@@ -39,6 +39,8 @@ class FilterPruningState:
     prune_batch_norms: bool = static_field(default=True)
     frozen: bool = static_field(default=False)
     costs: tuple[LayerCost, ...] = static_field(default=())  # set when the level is a FLOPs fraction
+    # (name, shape, dtype) of the traced model inputs: export probes the masked model with them
+    inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = static_field(default=())
 
     def pruned_classes(self) -> list[tuple[int, int]]:
         """``(group, class)`` of every pruned channel."""
@@ -162,13 +164,13 @@ def filter_pruning(
         level_of = schedule
 
     def build(groups: PruningGroups, params: Mapping[str, Tensor], level: float, costs: tuple[LayerCost, ...],
-              frozen: bool = False) -> FilterPruningState:
+              inputs: tuple = (), frozen: bool = False) -> FilterPruningState:
         if flops:
             pruned = select_pruned_for_flops(groups, params, level, criterion, costs)
         else:
             pruned = select_pruned(groups, params, level, criterion)
         masks = pruning_masks(groups, params, pruned, prune_batch_norms)
-        return FilterPruningState(masks, level, pruned, groups, prune_batch_norms, frozen, costs)
+        return FilterPruningState(masks, level, pruned, groups, prune_batch_norms, frozen, costs, inputs)
 
     def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> FilterPruningState:
         groups = channel_groups(
@@ -177,7 +179,8 @@ def filter_pruning(
         )
         source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
         with torch.no_grad():
-            return build(groups, source, level_of(Progress()), layer_costs(graph) if flops else ())
+            inputs = tuple((name, tuple(info.shape), info.dtype) for name, info in graph.inputs)
+            return build(groups, source, level_of(Progress()), layer_costs(graph) if flops else (), inputs)
 
     def step(state: FilterPruningState, progress: Progress, params: Mapping[str, Tensor] | None = None) -> FilterPruningState:
         if state.frozen:
@@ -192,7 +195,7 @@ def filter_pruning(
                 "method.step(state, progress, params)"
             )
         with torch.no_grad():
-            return build(state.groups, params, level, state.costs, frozen)
+            return build(state.groups, params, level, state.costs, state.inputs, frozen)
 
     return Compression(
         init=init,
