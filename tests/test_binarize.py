@@ -358,3 +358,29 @@ def test_statistics_table_lists_binarized_weights_and_inputs():
     kinds = [row["kind"] for row in table.rows]
     assert kinds.count("weight") == 2 and kinds.count("activation") == 2
     assert "3/conv2d#0:in0" in str(table)
+
+
+def test_training_step_runs_the_cpp_kernel_and_matches_the_reference(monkeypatch):
+    from purecomp.ops import build, record_paths
+
+    if not build.cpp_available():
+        pytest.skip(f"C++ ops unavailable: {build.build_error()}")
+    model, method, params, state, graph, x = _staged_digits_state()
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for leaf in pc.trainable(state):
+            leaf.grad = None
+        out = pc.apply(model, method, params, state, x)
+        out.square().sum().backward()
+        return out.detach(), [leaf.grad.clone() for leaf in pc.trainable(state)]
+
+    with record_paths() as paths:
+        out_cpp, grads_cpp = run()
+    assert set(paths) == {"cpp"} and len(paths) == 2
+    monkeypatch.setenv("PURECOMP_OPS", "reference")
+    with record_paths() as paths:
+        out_ref, grads_ref = run()
+    assert set(paths) == {"reference"}
+    assert torch.equal(out_cpp, out_ref)
+    for a, b in zip(grads_cpp, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
