@@ -25,12 +25,14 @@ from purecomp import export
 from common import accuracy, onnx_accuracy, train_baseline
 
 
-def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc):
-    """Fine-tune ``model`` with ``method``: weights and quantizer ranges with Adam at ``lr``; RB
+def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc, cosine=False, on_epoch=None):
+    """Fine-tune ``model`` with ``method``: weights and quantizer ranges with Adam at ``lr``
+    (constant, or decayed to zero over the run with ``cosine``); RB
     logits with SGD (momentum 0.9) at ``logits_lr``. SGD keeps the density loss's per-logit
     weighting (Adam would move every logit at the same pace). The RB loss is a mean over all
     gated weights, so it needs a weight in the thousands for a model of ~24k weights. The
-    state steps after every optimizer step (the schedule reads the fractional epoch)."""
+    state steps after every optimizer step (the schedule reads the fractional epoch).
+    ``on_epoch(epoch, params, state)`` runs after each epoch, with the model in eval mode."""
     example = next(iter(train))[0][:2]
     graph = pc.trace(model, (example,))
     params = dict(model.named_parameters()) | {k: v.clone() for k, v in model.named_buffers()}
@@ -45,6 +47,7 @@ def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc):
     optimizers = [torch.optim.Adam(groups[:1])]
     if logits:
         optimizers.append(torch.optim.SGD(groups[1:], momentum=0.9))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[0], T_max=max(1, epochs * len(train))) if cosine else None
     loss_fn = nn.CrossEntropyLoss()
     step = 0
     for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=None):
@@ -56,9 +59,14 @@ def finetune(model, method, train, epochs, lr, logits_lr, loss_weight, desc):
             loss.backward()
             for opt in optimizers:
                 opt.step()
+            if decay is not None:
+                decay.step()
             step += 1
             state = method.step(state, pc.Progress(step=step, epoch=epoch, steps_per_epoch=len(train)), params)
         state = method.step(state, pc.Progress(step=step, epoch=epoch + 1, steps_per_epoch=len(train)), params)
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch + 1, params, state)
     model.eval()
     return graph, params, state
 

@@ -3,10 +3,10 @@
 A parameter of shape ``s`` that loses ``r_a`` slices along each axis ``a`` keeps
 ``prod_a (s_a - r_a)`` elements. A group's cost counts the parameters its channels touch
 (producer filters and biases, batch-norm affine rows, depthwise rows, consumer input channels
-or column blocks; running statistics are buffers, not parameters) and the FLOPs of the
-conv / linear layers among them (``flops.total_flops``, 2 per multiply-add, which is what
-``torch.utils.flop_counter.FlopCounterMode`` counts), before and after removing ONLY that
-group's pruned channels. The ``(all)`` row is the whole model before and after removing every
+or column blocks; running statistics are buffers, not parameters) and the FLOPs per sample of
+the conv / linear layers among them (``flops.total_flops``, 2 per multiply-add, which is what
+``torch.utils.flop_counter.FlopCounterMode`` counts on a batch of one), before and after
+removing ONLY that group's pruned channels. The ``(all)`` row is the whole model before and after removing every
 pruned channel at once. Per-group reductions add up to the total unless one weight loses
 input channels to one group and output channels to another (a conv between two pruned
 groups): then the ``r_in * r_out`` slices they share are counted in both groups.
