@@ -30,30 +30,61 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
     ap.add_argument("--epochs", type=int, default=30, help="FP32 training epochs")
     ap.add_argument("--finetune-epochs", type=int, default=12)
-    ap.add_argument("--level", type=float, default=0.3, help="fraction of prunable channels to remove")
-    ap.add_argument("--criterion", default="geometric_median", choices=["L1", "L2", "geometric_median"])
+    ap.add_argument(
+        "--level", type=float, default=0.3, help="fraction of prunable channels to remove"
+    )
+    ap.add_argument(
+        "--criterion", default="geometric_median", choices=["L1", "L2", "geometric_median"]
+    )
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--finetune-lr-schedule", default="cosine", choices=["cosine", "constant"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--per-epoch", action="store_true", help="print the masked model's test accuracy after each epoch")
+    ap.add_argument(
+        "--per-epoch",
+        action="store_true",
+        help="print the masked model's test accuracy after each epoch",
+    )
     args = ap.parse_args()
     started = time.perf_counter()
     baseline = train_baseline(args.dataset, args.epochs, args.seed)
     train_set, test_set, train, test, base, fp32 = (
-        baseline.train_set, baseline.test_set, baseline.train, baseline.test, baseline.model, baseline.accuracy)
+        baseline.train_set,
+        baseline.test_set,
+        baseline.train,
+        baseline.test,
+        baseline.model,
+        baseline.accuracy,
+    )
 
     ramp = max(2, args.finetune_epochs // 3)
-    schedule = pc.schedules.pruning_exponential(0.0, args.level, num_init_steps=0, pruning_steps=ramp)
-    method = pc.filter_pruning(schedule, criterion=args.criterion, freeze_epoch=max(ramp, args.finetune_epochs // 2))
+    schedule = pc.schedules.pruning_exponential(
+        0.0, args.level, num_init_steps=0, pruning_steps=ramp
+    )
+    method = pc.filter_pruning(
+        schedule, criterion=args.criterion, freeze_epoch=max(ramp, args.finetune_epochs // 2)
+    )
     model = copy.deepcopy(base)
 
     def report(epoch, params, state):
         acc = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
-        print(f"epoch {epoch:3d}  level {state.level:.3f}  pruned channels {len(state.pruned_classes()):3d}  "
-              f"test accuracy {acc:.2f}", flush=True)
+        print(
+            f"epoch {epoch:3d}  level {state.level:.3f}  pruned channels {len(state.pruned_classes()):3d}  "
+            f"test accuracy {acc:.2f}",
+            flush=True,
+        )
 
-    graph, params, state = finetune(model, method, train, args.finetune_epochs, args.finetune_lr, 0.0, 0.0, "pruning",
-                                    cosine=args.finetune_lr_schedule == "cosine", on_epoch=report if args.per_epoch else None)
+    graph, params, state = finetune(
+        model,
+        method,
+        train,
+        args.finetune_epochs,
+        args.finetune_lr,
+        0.0,
+        0.0,
+        "pruning",
+        cosine=args.finetune_lr_schedule == "cosine",
+        on_epoch=report if args.per_epoch else None,
+    )
     pruned_acc = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
     example = train_set.tensors[0][:2]
     small = export.materialize(model, method, params, state, graph)
@@ -64,19 +95,27 @@ def main() -> None:
     table = pc.statistics(graph, state)["pruning"]
     print(table)
     print()
-    cost = pc.pruning_cost(base, small, (example[:1],))  # one image: FLOPs per sample, as in the table above
+    cost = pc.pruning_cost(
+        base, small, (example[:1],)
+    )  # one image: FLOPs per sample, as in the table above
     print(cost)
     print()
-    print(f"dataset: {args.dataset} ({len(train_set)} train / {len(test_set)} test images); {args.criterion}")
+    print(
+        f"dataset: {args.dataset} ({len(train_set)} train / {len(test_set)} test images); {args.criterion}"
+    )
     print(f"{'model':<34}{'accuracy %':>11}{'drop':>7}")
     print(f"{'FP32':<34}{fp32:>11.2f}{0:>7.2f}")
-    print(f"{f'{args.level:.0%} pruned (masked, PyTorch)':<34}{pruned_acc:>11.2f}{fp32 - pruned_acc:>7.2f}")
+    print(
+        f"{f'{args.level:.0%} pruned (masked, PyTorch)':<34}{pruned_acc:>11.2f}{fp32 - pruned_acc:>7.2f}"
+    )
     print(f"{'pruned, materialized (PyTorch)':<34}{small_acc:>11.2f}{fp32 - small_acc:>7.2f}")
     onnx_acc = onnx_accuracy(path, test)
     print(f"{'pruned, ONNX Runtime':<34}{onnx_acc:>11.2f}{fp32 - onnx_acc:>7.2f}")
     everything = table.rows[-1]
-    print(f"channels removed: params {everything['params after'] / everything['params before']:.2f}x, "
-          f"FLOPs {everything['FLOPs after'] / everything['FLOPs before']:.2f}x")
+    print(
+        f"channels removed: params {everything['params after'] / everything['params before']:.2f}x, "
+        f"FLOPs {everything['FLOPs after'] / everything['FLOPs before']:.2f}x"
+    )
     print(f"time {time.perf_counter() - started:.0f} s; ONNX file {path}")
 
 

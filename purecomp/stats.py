@@ -57,17 +57,19 @@ def _quantizer_rows(state: Any) -> list[dict[str, Any]]:
     for kind, table in families:
         for key, q in table.items():
             low, high = q.float_range()
-            rows.append({
-                "quantizer": key,
-                "kind": kind,
-                "bits": q.bits,
-                "mode": q.mode,
-                "per_channel": q.axis is not None,
-                "signed": q.signed,
-                "low": float(low.min()),
-                "high": float(high.max()),
-                "feeds": ", ".join(state.consumers_of(key)) if kind == "activation" else "",
-            })
+            rows.append(
+                {
+                    "quantizer": key,
+                    "kind": kind,
+                    "bits": q.bits,
+                    "mode": q.mode,
+                    "per_channel": q.axis is not None,
+                    "signed": q.signed,
+                    "low": float(low.min()),
+                    "high": float(high.max()),
+                    "feeds": ", ".join(state.consumers_of(key)) if kind == "activation" else "",
+                }
+            )
     return rows
 
 
@@ -105,10 +107,14 @@ def statistics(graph: Any, state: Any) -> Report:
     from purecomp.transforms.binarize import BinarizationState
 
     binarized = [row for s in _states(state, BinarizationState) for row in s.rows()]
-    return Report((
-        Table("quantizers", tuple(quant)), Table("sparsity", tuple(sparse)), Table("pruning", tuple(pruning)),
-        Table("binarization", tuple(binarized)),
-    ))
+    return Report(
+        (
+            Table("quantizers", tuple(quant)),
+            Table("sparsity", tuple(sparse)),
+            Table("pruning", tuple(pruning)),
+            Table("binarization", tuple(binarized)),
+        )
+    )
 
 
 def trainable(state: Any) -> list[Any]:
@@ -127,14 +133,22 @@ def model_cost(model: Any, example_inputs: Any) -> dict[str, int]:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(*args)
-    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops": int(counter.get_total_flops()),
+    }
 
 
 def pruning_cost(original: Any, materialized: Any, example_inputs: Any) -> Table:
     """Parameters and FLOPs of the original model against its materialized (pruned) one."""
     before, after = model_cost(original, example_inputs), model_cost(materialized, example_inputs)
     rows = tuple(
-        {"measure": key, "before": before[key], "after": after[key], "ratio": after[key] / max(1, before[key])}
+        {
+            "measure": key,
+            "before": before[key],
+            "after": after[key],
+            "ratio": after[key] / max(1, before[key]),
+        }
         for key in ("params", "flops")
     )
     return Table("pruning cost", rows)

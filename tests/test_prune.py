@@ -33,8 +33,12 @@ from models import torchvision_model
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
     )
 
 
@@ -43,11 +47,17 @@ class UNet(nn.Module):
 
     def __init__(self, classes: int = 2) -> None:
         super().__init__()
-        self.enc1, self.enc2, self.bottom = conv_block(3, 16), conv_block(16, 32), conv_block(32, 64)
+        self.enc1, self.enc2, self.bottom = (
+            conv_block(3, 16),
+            conv_block(16, 32),
+            conv_block(32, 64),
+        )
         self.pool = nn.MaxPool2d(2)
         self.up2 = nn.ConvTranspose2d(64, 32, 2, stride=2)
         self.dec2 = conv_block(64, 32)
-        self.up1 = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(32, 16, 1))
+        self.up1 = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(32, 16, 1)
+        )
         self.dec1 = conv_block(32, 16)
         self.head = nn.Conv2d(16, classes, 1)
 
@@ -99,7 +109,9 @@ def test_filter_importance_matches_numpy(criterion):
 
 def test_geometric_median_selection_matches_brute_force():
     """The filters pruned by FPGM are those with the smallest summed distance to all others."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 10, 3), nn.ReLU(), nn.Conv2d(10, 2, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 10, 3), nn.ReLU(), nn.Conv2d(10, 2, 1)
+    ).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         w = model[2].weight
@@ -130,7 +142,11 @@ def test_class_importance_averages_layer_normalized_filters():
     groups = channel_groups(graph, prune_downsample_convs=True, prune_first_conv=True)
     params = dict(model.named_parameters())
     stage = next(g for g in groups.groups if "layer2.0.downsample.0.weight" in g.layers)
-    assert set(stage.layers) == {"layer2.0.conv2.weight", "layer2.0.downsample.0.weight", "layer2.1.conv2.weight"}
+    assert set(stage.layers) == {
+        "layer2.0.conv2.weight",
+        "layer2.0.downsample.0.weight",
+        "layer2.1.conv2.weight",
+    }
     scores = class_importance(params, stage.classes, "L1")
     norms = {name: filter_importance(params[name], 0, "L1") for name in stage.layers}
     c = 5
@@ -145,13 +161,23 @@ def test_resnet18_groups_tie_residual_stages_and_skip_first_and_downsample_convs
     model, x = torchvision_model("resnet18")
     groups = channel_groups(_graph(model, x))
     prunable = [groups.groups[i].layers for i in groups.prunable]
-    assert prunable == [("layer1.0.conv1.weight",), ("layer1.1.conv1.weight",), ("layer2.1.conv1.weight",),
-                        ("layer3.1.conv1.weight",), ("layer4.1.conv1.weight",)]
+    assert prunable == [
+        ("layer1.0.conv1.weight",),
+        ("layer1.1.conv1.weight",),
+        ("layer2.1.conv1.weight",),
+        ("layer3.1.conv1.weight",),
+        ("layer4.1.conv1.weight",),
+    ]
     reasons = dict(groups.unsafe())
-    assert any("first conv" in r for r in reasons[("conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight")])
+    assert any(
+        "first conv" in r
+        for r in reasons[("conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight")]
+    )
     assert any("downsampling" in r for r in reasons[("layer2.0.conv1.weight",)])
     assert any("model output" in r for r in reasons[("fc.weight",)])
-    everything = channel_groups(_graph(model, x), prune_first_conv=True, prune_downsample_convs=True)
+    everything = channel_groups(
+        _graph(model, x), prune_first_conv=True, prune_downsample_convs=True
+    )
     assert len(everything.prunable) == len(everything.groups) - 1  # only the classifier stays
 
 
@@ -160,7 +186,11 @@ class _Mixer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.a, self.b, self.c = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(8, 8, 1),
+        )
         self.se, self.d = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
         self.e, self.head = nn.Conv2d(8, 6, 1), nn.Linear(6 * 4, 5)
 
@@ -181,7 +211,9 @@ def test_unknown_ops_make_channels_unsafe_and_gates_stay_safe():
     status = {g.layers: (g.prunable, g.reasons) for g in groups.groups}
     assert not status[("a.weight",)][0] and "chunk" in status[("a.weight",)][1][0]
     assert not status[("b.weight",)][0]
-    assert status[("c.weight", "se.weight")][0]  # the SE gate's conv is tied to the channels it scales
+    assert status[("c.weight", "se.weight")][
+        0
+    ]  # the SE gate's conv is tied to the channels it scales
     assert status[("d.weight",)][0]
     assert status[("e.weight",)][0]  # flatten -> linear: column blocks
     e_group = next(g for g in groups.groups if g.layers == ("e.weight",))
@@ -198,7 +230,9 @@ def test_a_channel_that_is_not_zero_at_its_consumer_is_unsafe():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(torch.sigmoid(self.a(x)))  # sigmoid(0) = 0.5 reaches b
 
-    groups = channel_groups(_graph(AddConst().eval(), torch.randn(1, 3, 4, 4)), prune_first_conv=True)
+    groups = channel_groups(
+        _graph(AddConst().eval(), torch.randn(1, 3, 4, 4)), prune_first_conv=True
+    )
     a = next(g for g in groups.groups if g.layers == ("a.weight",))
     assert not a.prunable and "not provably zero" in a.reasons[0]
 
@@ -211,10 +245,15 @@ def test_results_that_no_op_reads_count_as_outputs():
     model, ids, mask = tiny_bert()
     groups = channel_groups(pc.trace(model, (ids, mask)))
     prunable = [groups.groups[i].layers for i in groups.prunable]
-    assert prunable == [("encoder.layer.0.intermediate.dense.weight",), ("encoder.layer.1.intermediate.dense.weight",)]
+    assert prunable == [
+        ("encoder.layer.0.intermediate.dense.weight",),
+        ("encoder.layer.1.intermediate.dense.weight",),
+    ]
     pooler = dict(groups.unsafe())[("pooler.dense.weight",)]
     assert any("model output" in r or "read by no op" in r for r in pooler)
-    method = pc.filter_pruning(0.5)  # the feed-forward blocks (linear -> gelu -> linear) shrink exactly
+    method = pc.filter_pruning(
+        0.5
+    )  # the feed-forward blocks (linear -> gelu -> linear) shrink exactly
     graph = pc.trace(model, (ids, mask))
     params = dict(model.named_parameters())
     state = method.init(graph, params)
@@ -236,7 +275,9 @@ def test_a_mean_over_channels_is_unsafe():
             y = self.a(x)
             return self.b(y - y.mean(1, keepdim=True))
 
-    groups = channel_groups(_graph(ChannelMean().eval(), torch.randn(1, 3, 5, 5)), prune_first_conv=True)
+    groups = channel_groups(
+        _graph(ChannelMean().eval(), torch.randn(1, 3, 5, 5)), prune_first_conv=True
+    )
     a = next(g for g in groups.groups if g.layers == ("a.weight",))
     assert not a.prunable and "reduces over channels" in a.reasons[0]
 
@@ -272,10 +313,14 @@ def test_masks_zero_filters_biases_and_batchnorms_and_step_needs_params():
     model = randomize_batchnorms(UNet().eval())
     x = torch.randn(1, 3, 16, 16)
     graph = _graph(model, x)
-    method = pc.filter_pruning(schedules.pruning_exponential(0.1, 0.5, num_init_steps=1, pruning_steps=3))
+    method = pc.filter_pruning(
+        schedules.pruning_exponential(0.1, 0.5, num_init_steps=1, pruning_steps=3)
+    )
     params = dict(model.named_parameters())
     state = method.init(graph, params)
-    assert isinstance(state, FilterPruningState) and state.level == 0.0 and not state.pruned_classes()
+    assert (
+        isinstance(state, FilterPruningState) and state.level == 0.0 and not state.pruned_classes()
+    )
     with pytest.raises(StateError, match="pass the current weights"):
         method.step(state, pc.Progress(epoch=1))
     state = method.step(state, pc.Progress(epoch=1), params)
@@ -320,12 +365,28 @@ def test_pruning_schedules():
     "section, path, message",
     [
         ({"params": {"pruning_target": 1.0}}, r"compression.params.pruning_target", ""),
-        ({"pruning_init": 0.6, "params": {"pruning_target": 0.5}}, r"compression.pruning_init", "<= pruning_target"),
+        (
+            {"pruning_init": 0.6, "params": {"pruning_target": 0.5}},
+            r"compression.pruning_init",
+            "<= pruning_target",
+        ),
         ({"params": {"schedule": "cosine"}}, r"compression.params.schedule", "expected one of"),
-        ({"params": {"weight_importance": "L3"}}, r"compression.params.weight_importance", "expected one of"),
-        ({"params": {"pruning_flops_target": 0.3, "pruning_target": 0.3}}, r"compression.params.pruning_flops_target", "not both"),
+        (
+            {"params": {"weight_importance": "L3"}},
+            r"compression.params.weight_importance",
+            "expected one of",
+        ),
+        (
+            {"params": {"pruning_flops_target": 0.3, "pruning_target": 0.3}},
+            r"compression.params.pruning_flops_target",
+            "not both",
+        ),
         ({"params": {"pruning_flops_target": 1.5}}, r"compression.params.pruning_flops_target", ""),
-        ({"params": {"interlayer_ranking_type": "learned_ranking"}}, r"compression.params.interlayer_ranking_type", "expected one of"),
+        (
+            {"params": {"interlayer_ranking_type": "learned_ranking"}},
+            r"compression.params.interlayer_ranking_type",
+            "expected one of",
+        ),
         ({"params": {"pruning_steps": 0}}, r"compression.params.pruning_steps", ""),
         ({"params": {"warmup": 3}}, r"compression.params.warmup", "unknown key"),
         ({"prune_first_conv": True}, r"compression.prune_first_conv", "unknown key"),
@@ -337,12 +398,26 @@ def test_bad_pruning_configs_raise(section, path, message):
 
 
 def test_config_builds_the_method():
-    config = pc.load_config({"compression": {
-        "algorithm": "filter_pruning", "pruning_init": 0.1,
-        "params": {"schedule": "exponential_with_bias", "pruning_target": 0.4, "num_init_steps": 1, "pruning_steps": 4,
-                   "weight_importance": "geometric_median", "prune_first_conv": True, "prune_downsample_convs": True,
-                   "prune_batch_norms": True, "interlayer_ranking_type": "unweighted_ranking"},
-        "ignored_scopes": ["layer4"]}})
+    config = pc.load_config(
+        {
+            "compression": {
+                "algorithm": "filter_pruning",
+                "pruning_init": 0.1,
+                "params": {
+                    "schedule": "exponential_with_bias",
+                    "pruning_target": 0.4,
+                    "num_init_steps": 1,
+                    "pruning_steps": 4,
+                    "weight_importance": "geometric_median",
+                    "prune_first_conv": True,
+                    "prune_downsample_convs": True,
+                    "prune_batch_norms": True,
+                    "interlayer_ranking_type": "unweighted_ranking",
+                },
+                "ignored_scopes": ["layer4"],
+            }
+        }
+    )
     model, x = torchvision_model("resnet18")
     graph = _graph(model, x)
     method = config.method()
@@ -355,15 +430,25 @@ def test_config_builds_the_method():
     assert "conv1.weight" in layers and not any(name.startswith("layer4") for name in layers)
     assert method.step(state, pc.Progress(epoch=6), params).frozen
     table = pc.statistics(graph, state)["pruning"]
-    assert table.rows[-1]["pruned"] == len(state.pruned_classes()) == round(0.4 * table.rows[-1]["channels"])
+    assert (
+        table.rows[-1]["pruned"]
+        == len(state.pruned_classes())
+        == round(0.4 * table.rows[-1]["channels"])
+    )
 
 
 def test_flops_target_removes_at_least_that_fraction_of_flops():
     model, x = torchvision_model("resnet18")
     x = x[:1]
     graph = _graph(model, x)
-    config = pc.load_config({"compression": {"algorithm": "filter_pruning",
-                                             "params": {"schedule": "baseline", "pruning_flops_target": 0.3}}})
+    config = pc.load_config(
+        {
+            "compression": {
+                "algorithm": "filter_pruning",
+                "params": {"schedule": "baseline", "pruning_flops_target": 0.3},
+            }
+        }
+    )
     method = config.method()
     params = dict(model.named_parameters())
     state = method.init(graph, params)
@@ -381,8 +466,9 @@ def test_flops_target_removes_at_least_that_fraction_of_flops():
 # ------------------------------------------------------------------ physical removal
 
 
-def _check_removal(model: nn.Module, x: torch.Tensor, level: float, tmp_path, onnx: bool = True,
-                   **options) -> dict:
+def _check_removal(
+    model: nn.Module, x: torch.Tensor, level: float, tmp_path, onnx: bool = True, **options
+) -> dict:
     graph = _graph(model, x)
     method = pc.filter_pruning(level, criterion="geometric_median", **options)
     params = dict(model.named_parameters())
@@ -414,7 +500,9 @@ def test_unet_channels_are_removed_exactly(tmp_path):
         ratios = _check_removal(model, x, level, tmp_path)
         assert ratios["params"] < 1 - level  # conv weights lose inputs and outputs
     groups = channel_groups(_graph(model, x))
-    assert groups.groups[[g.layers for g in groups.groups].index(("up2.weight",))].prunable  # transposed conv
+    assert groups.groups[
+        [g.layers for g in groups.groups].index(("up2.weight",))
+    ].prunable  # transposed conv
 
 
 class _VggMlp(nn.Module):
@@ -438,7 +526,9 @@ def test_flatten_into_linear_and_linear_layers_are_removed_exactly(tmp_path):
     _check_removal(model, x, 0.5, tmp_path)
     graph = _graph(model, x)
     state = pc.filter_pruning(0.5).init(graph, dict(model.named_parameters()))
-    small = export.materialize(model, pc.filter_pruning(0.5), dict(model.named_parameters()), state, graph)
+    small = export.materialize(
+        model, pc.filter_pruning(0.5), dict(model.named_parameters()), state, graph
+    )
     kept_conv = small.model.conv.out_channels
     assert small.model.fc1.in_features == kept_conv * 9  # (bn1 is folded into fc1 by materialize)
     assert small.model.fc2.in_features == small.model.fc1.out_features
@@ -449,17 +539,26 @@ _SMALL_MODELS = {"unet": (UNet, (1, 3, 16, 16)), "vgg_mlp": (_VggMlp, (2, 3, 6, 
 
 
 @settings(max_examples=12, deadline=None)
-@given(name=st.sampled_from(sorted(_SMALL_MODELS)), level=st.floats(0.0, 0.98),
-       criterion=st.sampled_from(["L1", "L2", "geometric_median"]), seed=st.integers(0, 2**16),
-       flags=st.tuples(st.booleans(), st.booleans(), st.booleans()))
+@given(
+    name=st.sampled_from(sorted(_SMALL_MODELS)),
+    level=st.floats(0.0, 0.98),
+    criterion=st.sampled_from(["L1", "L2", "geometric_median"]),
+    seed=st.integers(0, 2**16),
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+)
 def test_removal_equals_masking_at_any_level(name, level, criterion, seed, flags):
     torch.manual_seed(seed)
     build, shape = _SMALL_MODELS[name]
     model = randomize_batchnorms(build().eval(), seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     graph = _graph(model, x)
-    method = pc.filter_pruning(level, criterion=criterion, prune_first_conv=flags[0], prune_downsample_convs=flags[1],
-                               prune_batch_norms=flags[2])
+    method = pc.filter_pruning(
+        level,
+        criterion=criterion,
+        prune_first_conv=flags[0],
+        prune_downsample_convs=flags[1],
+        prune_batch_norms=flags[2],
+    )
     params = dict(model.named_parameters())
     state = method.init(graph, params)
     masked = pc.apply(model, method, params, state, x).detach()
@@ -469,10 +568,17 @@ def test_removal_equals_masking_at_any_level(name, level, criterion, seed, flags
 
 def test_pruning_chains_with_per_channel_int8():
     torch.manual_seed(0)
-    model = randomize_batchnorms(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 4, 1)).eval())
+    model = randomize_batchnorms(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 4, 1),
+        ).eval()
+    )
     x = torch.randn(2, 3, 8, 8)
     graph = _graph(model, x)
     method = pc.chain(pc.filter_pruning(0.5), pc.quantization(weights=dict(per_channel=True)))
@@ -496,12 +602,19 @@ def test_resnet18_stages_are_removed_exactly_with_first_and_downsample_convs(tmp
     masked = pc.apply(model, method, params, state, x).detach()
     small = export.materialize(model, method, params, state, graph=graph)
     assert float((small(x) - masked).abs().max() / masked.abs().max()) < 1e-4
-    assert small.model.conv1.out_channels < 64 and small.model.layer2[0].downsample[0].out_channels < 128
-    assert small.model.layer1[1].conv2.out_channels == small.model.conv1.out_channels  # the stage stays tied
+    assert (
+        small.model.conv1.out_channels < 64
+        and small.model.layer2[0].downsample[0].out_channels < 128
+    )
+    assert (
+        small.model.layer1[1].conv2.out_channels == small.model.conv1.out_channels
+    )  # the stage stays tied
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "mobilenet_v3_small"]
+)
 def test_torchvision_models_shrink_exactly(name, tmp_path):
     if name == "densenet121":
         torch.manual_seed(0)
@@ -511,24 +624,41 @@ def test_torchvision_models_shrink_exactly(name, tmp_path):
         model, x = torchvision_model(name)
     randomize_batchnorms(model)
     for level in (0.3, 0.5):
-        ratios = _check_removal(model, x, level, tmp_path, onnx=name in ("resnet18", "mobilenet_v2", "mobilenet_v3_small"))
+        ratios = _check_removal(
+            model,
+            x,
+            level,
+            tmp_path,
+            onnx=name in ("resnet18", "mobilenet_v2", "mobilenet_v3_small"),
+        )
         assert ratios["params"] < 1 and ratios["flops"] < 1
 
 
 # ------------------------------------------------------------------ statistics per group
 
 
-def _overlap(state: FilterPruningState, shapes: dict[str, tuple[int, ...]], costs) -> tuple[int, int]:
+def _overlap(
+    state: FilterPruningState, shapes: dict[str, tuple[int, ...]], costs
+) -> tuple[int, int]:
     """Parameters and FLOPs that two groups both remove: a weight that loses ``r_out`` filters to
     one group and ``r_in`` input channels to another shares ``r_out * r_in`` slices."""
     removed = removed_counts(state.groups, state.pruned_classes())
-    params = sum(removed.get((n, 0), 0) * removed.get((n, 1), 0) * math.prod(s[2:]) for n, s in shapes.items() if len(s) >= 2)
-    flops = sum(c.unit * removed.get((c.param, c.out_axis), 0) * removed.get((c.param, c.in_axis), 0) for c in costs)
+    params = sum(
+        removed.get((n, 0), 0) * removed.get((n, 1), 0) * math.prod(s[2:])
+        for n, s in shapes.items()
+        if len(s) >= 2
+    )
+    flops = sum(
+        c.unit * removed.get((c.param, c.out_axis), 0) * removed.get((c.param, c.in_axis), 0)
+        for c in costs
+    )
     return params, int(flops)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("everything", [False, True], ids=["defaults", "first_and_downsample_convs"])
+@pytest.mark.parametrize(
+    "everything", [False, True], ids=["defaults", "first_and_downsample_convs"]
+)
 def test_group_statistics_match_flop_counter_and_the_materialized_model(everything):
     """Each group's row is what removing only its channels saves, measured on a materialized
     model with FlopCounterMode; the (all) row is the fully pruned model; per-group savings add
@@ -545,7 +675,9 @@ def test_group_statistics_match_flop_counter_and_the_materialized_model(everythi
     *rows, total = pc.statistics(graph, state)["pruning"].rows
     assert len(rows) == len(state.groups.prunable) and total["group"] == "(all)"
     base = pc.model_cost(model, x)
-    small = pc.model_cost(export.materialize(model, method, params, state), x)  # no graph: no BN folding
+    small = pc.model_cost(
+        export.materialize(model, method, params, state), x
+    )  # no graph: no BN folding
     assert (total["params before"], total["params after"]) == (base["params"], small["params"])
     assert (total["FLOPs before"], total["FLOPs after"]) == (base["flops"], small["flops"])
     for row in rows:
@@ -579,7 +711,9 @@ def _batchnorm_constants_case(model: nn.Module, x: torch.Tensor, level: float, *
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("everything", [False, True], ids=["defaults", "first_and_downsample_convs"])
+@pytest.mark.parametrize(
+    "everything", [False, True], ids=["defaults", "first_and_downsample_convs"]
+)
 def test_unmasked_batchnorm_constants_are_folded_on_resnet18(everything, tmp_path):
     """Pruned channels carry beta - mu gamma / sigma through ReLU into 3x3 zero-padded convs (and
     the residual stages); the export folds it (ones channel) and equals the masked model."""
@@ -587,19 +721,36 @@ def test_unmasked_batchnorm_constants_are_folded_on_resnet18(everything, tmp_pat
 
     model, x = torchvision_model("resnet18")
     randomize_batchnorms(model)
-    masked, small, state = _batchnorm_constants_case(model, x, 0.5, prune_first_conv=everything,
-                                                     prune_downsample_convs=everything)
-    assert carries_constants(state) and not state.masks.keys() & {"layer1.0.bn1.weight", "layer1.0.bn1.bias"}
+    masked, small, state = _batchnorm_constants_case(
+        model, x, 0.5, prune_first_conv=everything, prune_downsample_convs=everything
+    )
+    assert carries_constants(state) and not state.masks.keys() & {
+        "layer1.0.bn1.weight",
+        "layer1.0.bn1.bias",
+    }
     assert isinstance(small.model.layer1[0].conv2, OnesChannelConv2d)
     assert small.model.layer1[0].conv2.in_channels == small.model.layer1[0].conv1.out_channels + 1
     assert float((small(x) - masked).abs().max() / masked.abs().max()) < 1e-4
-    dropped = export.materialize(model, pc.filter_pruning(0.5, prune_batch_norms=False), dict(model.named_parameters()),
-                                 replace_masks_only(state))
-    assert float((dropped(x) - masked).abs().max() / masked.abs().max()) > 1e-3  # the constants matter
+    dropped = export.materialize(
+        model,
+        pc.filter_pruning(0.5, prune_batch_norms=False),
+        dict(model.named_parameters()),
+        replace_masks_only(state),
+    )
+    assert (
+        float((dropped(x) - masked).abs().max() / masked.abs().max()) > 1e-3
+    )  # the constants matter
     if everything:
-        path = export.to_onnx(model, pc.filter_pruning(0.5, prune_batch_norms=False, prune_first_conv=True,
-                                                       prune_downsample_convs=True),
-                              dict(model.named_parameters()), state, (x,), tmp_path / "resnet18_bn_constants.onnx")
+        path = export.to_onnx(
+            model,
+            pc.filter_pruning(
+                0.5, prune_batch_norms=False, prune_first_conv=True, prune_downsample_convs=True
+            ),
+            dict(model.named_parameters()),
+            state,
+            (x,),
+            tmp_path / "resnet18_bn_constants.onnx",
+        )
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         assert float(np.abs(got - masked.numpy()).max() / masked.abs().max()) < 1e-4
@@ -625,7 +776,9 @@ def test_unmasked_batchnorm_constants_are_folded(name, tmp_path):
         model, x = build().eval(), torch.randn(shape, generator=torch.Generator().manual_seed(3))
     randomize_batchnorms(model)
     for level in (0.3, 0.5):
-        _check_removal(model, x, level, tmp_path, onnx=name != "mobilenet_v2", prune_batch_norms=False)
+        _check_removal(
+            model, x, level, tmp_path, onnx=name != "mobilenet_v2", prune_batch_norms=False
+        )
 
 
 def test_a_constant_that_varies_at_its_consumer_is_refused():
@@ -651,7 +804,11 @@ def test_a_constant_that_varies_at_its_consumer_is_refused():
     state = method.init(graph, params)
     with pytest.raises(StateError, match=r"removed input \d+ of 'b' is not a constant"):
         export.materialize(model, method, params, state, graph)
-    kept = pc.filter_pruning(0.5, prune_first_conv=True).init(graph, params)  # with prune_batch_norms: exact zeros
-    small = export.materialize(model, pc.filter_pruning(0.5, prune_first_conv=True), params, kept, graph)
+    kept = pc.filter_pruning(0.5, prune_first_conv=True).init(
+        graph, params
+    )  # with prune_batch_norms: exact zeros
+    small = export.materialize(
+        model, pc.filter_pruning(0.5, prune_first_conv=True), params, kept, graph
+    )
     masked = pc.apply(model, pc.filter_pruning(0.5, prune_first_conv=True), params, kept, x)
     assert torch.allclose(small(x), masked, atol=1e-5)

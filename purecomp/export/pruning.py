@@ -22,7 +22,14 @@ from purecomp.errors import StateError
 
 from .prune_constants import carries_constants, consumer_constants, fold_constants
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -31,7 +38,9 @@ def removed_slices(state: Any) -> dict[str, dict[int, set[int]]]:
     removed: dict[str, dict[int, set[int]]] = {}
     for g, c in state.pruned_classes():
         for slot in state.groups.groups[g].classes[c].slots:
-            removed.setdefault(slot.param, {}).setdefault(slot.axis, set()).update(range(slot.start, slot.stop))
+            removed.setdefault(slot.param, {}).setdefault(slot.axis, set()).update(
+                range(slot.start, slot.stop)
+            )
     return removed
 
 
@@ -60,9 +69,17 @@ def _conv(m: nn.Module, removed: Mapping[int, set[int]]) -> nn.Module:
         keep_in = _keep(m.in_channels, removed.get(in_axis, set()))
         weight = w.index_select(out_axis, keep_out).index_select(in_axis, keep_in)
         groups = 1
-    kwargs = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                  groups=groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                  device=w.device, dtype=w.dtype)
+    kwargs = dict(
+        kernel_size=m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        dilation=m.dilation,
+        groups=groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
     if transposed:
         kwargs["output_padding"] = m.output_padding
     new = _base(m, _CONVS)(len(keep_in), len(keep_out), **kwargs)
@@ -75,7 +92,13 @@ def _conv(m: nn.Module, removed: Mapping[int, set[int]]) -> nn.Module:
 def _linear(m: nn.Linear, removed: Mapping[int, set[int]]) -> nn.Linear:
     keep_out = _keep(m.out_features, removed.get(0, set()))
     keep_in = _keep(m.in_features, removed.get(1, set()))
-    new = nn.Linear(len(keep_in), len(keep_out), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    new = nn.Linear(
+        len(keep_in),
+        len(keep_out),
+        bias=m.bias is not None,
+        device=m.weight.device,
+        dtype=m.weight.dtype,
+    )
     new.weight = _param(m.weight.index_select(0, keep_out).index_select(1, keep_in))
     if m.bias is not None:
         new.bias = _param(m.bias.index_select(0, keep_out))
@@ -84,8 +107,13 @@ def _linear(m: nn.Linear, removed: Mapping[int, set[int]]) -> nn.Linear:
 
 def _norm(m: nn.Module, removed: Mapping[int, set[int]]) -> nn.Module:
     keep = _keep(m.num_features, removed.get(0, set()))
-    new = _base(m, _NORMS)(len(keep), eps=m.eps, momentum=m.momentum, affine=m.affine,
-                           track_running_stats=m.track_running_stats)
+    new = _base(m, _NORMS)(
+        len(keep),
+        eps=m.eps,
+        momentum=m.momentum,
+        affine=m.affine,
+        track_running_stats=m.track_running_stats,
+    )
     with torch.no_grad():
         for name in ("weight", "bias"):
             if getattr(m, name) is not None:
@@ -95,7 +123,9 @@ def _norm(m: nn.Module, removed: Mapping[int, set[int]]) -> nn.Module:
                 setattr(new, name, getattr(m, name).index_select(0, keep).clone())
         if m.num_batches_tracked is not None:
             new.num_batches_tracked = m.num_batches_tracked.clone()
-    return new  # every tensor of ``new`` was replaced by a slice of ``m``'s: device and dtype follow
+    return (
+        new  # every tensor of ``new`` was replaced by a slice of ``m``'s: device and dtype follow
+    )
 
 
 def _rebuilt(module: nn.Module, removed: Mapping[int, set[int]], path: str) -> nn.Module:
@@ -105,8 +135,10 @@ def _rebuilt(module: nn.Module, removed: Mapping[int, set[int]], path: str) -> n
         return _linear(module, removed)
     if isinstance(module, _NORMS):
         return _norm(module, removed)
-    raise StateError(f"cannot remove channels of module {path!r} ({type(module).__name__}): "
-                     "expected a Conv, ConvTranspose, BatchNorm or Linear module")
+    raise StateError(
+        f"cannot remove channels of module {path!r} ({type(module).__name__}): "
+        "expected a Conv, ConvTranspose, BatchNorm or Linear module"
+    )
 
 
 def prune_channels(model: nn.Module, state: Any) -> dict[str, dict[int, Tensor]]:
@@ -137,7 +169,8 @@ def prune_channels(model: nn.Module, state: Any) -> dict[str, dict[int, Tensor]]
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
         for pname, shape in shapes.items():
             kept[f"{path}.{pname}" if path else pname] = {
-                axis: _keep(shape[axis], drop) for axis, drop in removed.get(f"{path}.{pname}", {}).items()
+                axis: _keep(shape[axis], drop)
+                for axis, drop in removed.get(f"{path}.{pname}", {}).items()
             }
     fold_constants(model, old_modules, constants, kept)
     return kept

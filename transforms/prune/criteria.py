@@ -49,5 +49,7 @@ def class_importance(
     for name, axis in layers:
         imp = filter_importance(params[name], axis, criterion)
         normalized[name] = imp / imp.mean().clamp(min=1e-12)
-    scores = [torch.stack([normalized[s.param][s.start] for s in c.filters]).mean() for c in classes]
+    scores = [
+        torch.stack([normalized[s.param][s.start] for s in c.filters]).mean() for c in classes
+    ]
     return torch.stack(scores) if scores else torch.zeros(0)

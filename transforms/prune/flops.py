@@ -34,11 +34,25 @@ def layer_costs(graph: ModelGraph) -> tuple[LayerCost, ...]:
     """One ``LayerCost`` per conv / conv-transpose / linear call reading a weight parameter."""
     costs = []
     for node in graph:
-        if node.op not in CONV_OPS | CONV_TRANSPOSE_OPS | {"linear"} or len(node.inputs) < 2 or node.inputs[1].kind != "param":
+        if (
+            node.op not in CONV_OPS | CONV_TRANSPOSE_OPS | {"linear"}
+            or len(node.inputs) < 2
+            or node.inputs[1].kind != "param"
+        ):
             continue
         weight, out = node.input_info[1].shape, node.outputs[0].shape
         if node.op == "linear":
-            costs.append(LayerCost(node.inputs[1].name, 2.0 * math.prod(out[1:-1]), 0, 1, weight[0], weight[1], False))
+            costs.append(
+                LayerCost(
+                    node.inputs[1].name,
+                    2.0 * math.prod(out[1:-1]),
+                    0,
+                    1,
+                    weight[0],
+                    weight[1],
+                    False,
+                )
+            )
             continue
         transposed = node.op in CONV_TRANSPOSE_OPS
         groups = int(node.option("groups", 1) or 1)
@@ -46,12 +60,23 @@ def layer_costs(graph: ModelGraph) -> tuple[LayerCost, ...]:
         out_c = weight[1] * groups if transposed else weight[0]
         in_c = weight[0] // groups if transposed else weight[1]
         out_axis, in_axis = (1, 0) if transposed else (0, 1)
-        costs.append(LayerCost(node.inputs[1].name, 2.0 * math.prod(out[2:]) * kernel, out_axis, in_axis,
-                               out_c, in_c, groups > 1 and groups == out_c))
+        costs.append(
+            LayerCost(
+                node.inputs[1].name,
+                2.0 * math.prod(out[2:]) * kernel,
+                out_axis,
+                in_axis,
+                out_c,
+                in_c,
+                groups > 1 and groups == out_c,
+            )
+        )
     return tuple(costs)
 
 
-def removed_counts(groups: PruningGroups, pruned: Iterable[tuple[int, int]]) -> dict[tuple[str, int], int]:
+def removed_counts(
+    groups: PruningGroups, pruned: Iterable[tuple[int, int]]
+) -> dict[tuple[str, int], int]:
     """``{(param, axis): slices removed}`` for the pruned ``(group, class)`` pairs."""
     counts: dict[tuple[str, int], int] = {}
     for g, c in pruned:
@@ -66,6 +91,10 @@ def total_flops(costs: Iterable[LayerCost], removed: Mapping[tuple[str, int], in
     total = 0.0
     for cost in costs:
         out_c = cost.out_channels - removed.get((cost.param, cost.out_axis), 0)
-        in_c = cost.in_channels if cost.depthwise else cost.in_channels - removed.get((cost.param, cost.in_axis), 0)
+        in_c = (
+            cost.in_channels
+            if cost.depthwise
+            else cost.in_channels - removed.get((cost.param, cost.in_axis), 0)
+        )
         total += cost.unit * out_c * in_c
     return total

@@ -15,12 +15,16 @@ from .method import filter_pruning
 DEFAULT_SCHEDULE, DEFAULT_TARGET, DEFAULT_PRUNING_STEPS = "exponential", 0.5, 100
 
 
-def pruning_schedule_from_config(section: Mapping[str, Any], origin: str) -> tuple[schedules.Schedule, int]:
+def pruning_schedule_from_config(
+    section: Mapping[str, Any], origin: str
+) -> tuple[schedules.Schedule, int]:
     """``(schedule, freeze_epoch)`` of a ``filter_pruning`` section."""
     params = section.get("params", {})
     if "pruning_flops_target" in params and "pruning_target" in params:
-        raise ConfigError(f"{origin}params.pruning_flops_target",
-                          "give either pruning_target (fraction of channels) or pruning_flops_target, not both")
+        raise ConfigError(
+            f"{origin}params.pruning_flops_target",
+            "give either pruning_target (fraction of channels) or pruning_flops_target, not both",
+        )
     kind = params.get("schedule", DEFAULT_SCHEDULE)
     init = section.get("pruning_init", 0.0)
     target = params.get("pruning_flops_target", params.get("pruning_target", DEFAULT_TARGET))
@@ -32,15 +36,23 @@ def pruning_schedule_from_config(section: Mapping[str, Any], origin: str) -> tup
     if kind == "exponential":
         return schedules.pruning_exponential(init, target, warmup, steps, origin), warmup + steps
     if kind == "exponential_with_bias":
-        return schedules.pruning_exponential_with_bias(init, target, warmup, steps, origin), warmup + steps
-    raise ConfigError(f"{origin}params.schedule", f"unknown schedule {kind!r}; expected one of {list(schedules.PRUNING_SCHEDULES)}")
+        return schedules.pruning_exponential_with_bias(
+            init, target, warmup, steps, origin
+        ), warmup + steps
+    raise ConfigError(
+        f"{origin}params.schedule",
+        f"unknown schedule {kind!r}; expected one of {list(schedules.PRUNING_SCHEDULES)}",
+    )
 
 
 def filter_pruning_from_config(section: Mapping[str, Any], origin: str) -> Compression:
     params = section.get("params", {})
     ranking = params.get("interlayer_ranking_type", "unweighted_ranking")
     if ranking != "unweighted_ranking":
-        raise ConfigError(f"{origin}params.interlayer_ranking_type", f"expected 'unweighted_ranking', got {ranking!r}")
+        raise ConfigError(
+            f"{origin}params.interlayer_ranking_type",
+            f"expected 'unweighted_ranking', got {ranking!r}",
+        )
     schedule, freeze_epoch = pruning_schedule_from_config(section, origin)
     return filter_pruning(
         schedule,

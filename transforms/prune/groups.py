@@ -29,16 +29,55 @@ from purecomp.transforms.quantize.placement import select_sites
 
 CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d"})
 CONV_TRANSPOSE_OPS = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-ZERO_PRESERVING = frozenset({
-    "relu", "relu6", "hardtanh", "hardswish", "silu", "gelu", "tanh", "leaky_relu", "elu", "selu", "celu",
-    "mish", "neg", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-    "identity", "contiguous", "clone", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
-    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "pad", "interpolate", "upsample", "upsample_nearest",
-    "upsample_bilinear",
-})
+ZERO_PRESERVING = frozenset(
+    {
+        "relu",
+        "relu6",
+        "hardtanh",
+        "hardswish",
+        "silu",
+        "gelu",
+        "tanh",
+        "leaky_relu",
+        "elu",
+        "selu",
+        "celu",
+        "mish",
+        "neg",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "identity",
+        "contiguous",
+        "clone",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "pad",
+        "interpolate",
+        "upsample",
+        "upsample_nearest",
+        "upsample_bilinear",
+    }
+)
 NONZERO_UNARY = frozenset({"sigmoid", "hardsigmoid", "exp", "softplus", "cos", "log_sigmoid"})
-SPATIAL_OPS = frozenset(op for op in ZERO_PRESERVING if "pool" in op or op in ("pad", "interpolate") or op.startswith("upsample"))
+SPATIAL_OPS = frozenset(
+    op
+    for op in ZERO_PRESERVING
+    if "pool" in op or op in ("pad", "interpolate") or op.startswith("upsample")
+)
 BINARY_OPS = frozenset({"add", "sub", "mul", "div"})
 RESHAPE_OPS = frozenset({"flatten", "view", "reshape"})
 CONV_MODULES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
@@ -139,7 +178,13 @@ class _UnionFind:
 class _Analysis:
     """One pass over the graph in execution order, collecting ids, slots and unsafe reasons."""
 
-    def __init__(self, graph: ModelGraph, allowed: frozenset[str], prune_first_conv: bool, prune_downsample_convs: bool) -> None:
+    def __init__(
+        self,
+        graph: ModelGraph,
+        allowed: frozenset[str],
+        prune_first_conv: bool,
+        prune_downsample_convs: bool,
+    ) -> None:
         self.graph = graph
         self.allowed = allowed
         self.prune_first_conv = prune_first_conv
@@ -180,7 +225,9 @@ class _Analysis:
     def run(self) -> None:
         for node in self.graph:
             raw = bool(node.inputs) and any(
-                r.kind == "input" or r in self.no_weighted_yet for r in node.inputs if r.kind in ("input", "node")
+                r.kind == "input" or r in self.no_weighted_yet
+                for r in node.inputs
+                if r.kind in ("input", "node")
             )
             if node.op in CONV_OPS | CONV_TRANSPOSE_OPS or node.op == "linear":
                 self.weighted(node)
@@ -208,7 +255,9 @@ class _Analysis:
         read = {ref for node in self.graph for ref in node.inputs}
         for ref, ch in self.tensors.items():
             if ref not in read and ref not in self.graph.outputs:
-                self.unsafe(ch.ids, f"the result of {ref.name} is read by no op (taken as a model output)")
+                self.unsafe(
+                    ch.ids, f"the result of {ref.name} is read by no op (taken as a model output)"
+                )
 
     def weighted(self, node: OpNode) -> None:
         """Conv / conv-transpose / linear: consumer of its input channels, producer of its output."""
@@ -216,10 +265,14 @@ class _Analysis:
             self.poison_inputs(node, f"{node.op} at {node.site} has no weight parameter")
             return
         weight = node.inputs[1].name
-        bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].kind == "param" else None
+        bias = (
+            node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].kind == "param" else None
+        )
         transpose = node.op in CONV_TRANSPOSE_OPS
         is_linear = node.op == "linear"
-        modules = {"linear": frozenset({"Linear"})}.get(node.op, CONV_TRANSPOSE_MODULES if transpose else CONV_MODULES)
+        modules = {"linear": frozenset({"Linear"})}.get(
+            node.op, CONV_TRANSPOSE_MODULES if transpose else CONV_MODULES
+        )
         module_ok = weight == f"{node.scope}.weight" and node.module_type in modules
         in_shape, out_shape = node.input_info[0].shape, node.outputs[0].shape
         groups = int(node.option("groups", 1) or 1)
@@ -237,8 +290,13 @@ class _Analysis:
         if groups > 1:
             depthwise = not transpose and groups == in_shape[1] == out_shape[1]
             if ch is not None and depthwise and ch.block == 1:
-                self.add_slots(ch.ids, lambda c: [Slot(weight, 0, c, c + 1, "member")]
-                               + ([Slot(bias, 0, c, c + 1, "member")] if bias else []))
+                self.add_slots(
+                    ch.ids,
+                    lambda c: (
+                        [Slot(weight, 0, c, c + 1, "member")]
+                        + ([Slot(bias, 0, c, c + 1, "member")] if bias else [])
+                    ),
+                )
                 self.set_out(node, _Channels(list(ch.ids), list(ch.zero), 1))
                 return
             if ch is not None:
@@ -253,12 +311,20 @@ class _Analysis:
                 if not ok:
                     self.unsafe([ch.ids[c]], f"not provably zero at its consumer {node.site}")
             consumer_axis = 0 if transpose else 1
-            self.add_slots(ch.ids, lambda c: [Slot(weight, consumer_axis, c * block, (c + 1) * block, "consumer")])
+            self.add_slots(
+                ch.ids,
+                lambda c: [Slot(weight, consumer_axis, c * block, (c + 1) * block, "consumer")],
+            )
         # producer
         filter_axis = 1 if transpose else 0
         ids = self.uf.fresh(out_shape[out_axis])
-        self.add_slots(ids, lambda c: [Slot(weight, filter_axis, c, c + 1, "filter")]
-                       + ([Slot(bias, 0, c, c + 1, "bias")] if bias else []))
+        self.add_slots(
+            ids,
+            lambda c: (
+                [Slot(weight, filter_axis, c, c + 1, "filter")]
+                + ([Slot(bias, 0, c, c + 1, "bias")] if bias else [])
+            ),
+        )
         if not module_ok:
             self.unsafe(ids, f"{node.site} is not a {'/'.join(sorted(modules))} module")
         if node.site not in self.allowed:
@@ -267,7 +333,11 @@ class _Analysis:
             self.unsafe(ids, f"{node.site} is a first conv (prune_first_conv=False)")
         stride = node.option("stride", 1)
         strides = stride if isinstance(stride, tuple) else (stride,)
-        if node.op in CONV_OPS and any(int(s) > 1 for s in strides) and not self.prune_downsample_convs:
+        if (
+            node.op in CONV_OPS
+            and any(int(s) > 1 for s in strides)
+            and not self.prune_downsample_convs
+        ):
             self.unsafe(ids, f"{node.site} is a downsampling conv (prune_downsample_convs=False)")
         self.set_out(node, _Channels(ids, [True] * len(ids), out_axis))
 
@@ -276,12 +346,21 @@ class _Analysis:
         if ch is None:
             return
         if ch.axis != 1 or ch.block != 1 or node.module_type not in NORM_MODULES:
-            self.poison_inputs(node, f"batch norm {node.site} is not a BatchNorm module over the channel axis")
+            self.poison_inputs(
+                node, f"batch norm {node.site} is not a BatchNorm module over the channel axis"
+            )
             return
         params = [r.name for r in node.inputs[1:] if r.kind == "param"]
-        roles = {p: ("stat" if p.rsplit(".", 1)[-1].startswith("running") else "norm") for p in params}
-        if any(not p.startswith(node.scope + ".") for p in params) or len(params) != len(node.inputs) - 1:
-            self.poison_inputs(node, f"batch norm {node.site} reads tensors that are not its module's parameters")
+        roles = {
+            p: ("stat" if p.rsplit(".", 1)[-1].startswith("running") else "norm") for p in params
+        }
+        if (
+            any(not p.startswith(node.scope + ".") for p in params)
+            or len(params) != len(node.inputs) - 1
+        ):
+            self.poison_inputs(
+                node, f"batch norm {node.site} reads tensors that are not its module's parameters"
+            )
             return
         self.add_slots(ch.ids, lambda c: [Slot(p, 0, c, c + 1, roles[p]) for p in params])
         self.set_out(node, _Channels(list(ch.ids), list(ch.zero), 1))
@@ -292,11 +371,15 @@ class _Analysis:
         ch = self.channels(node, 0)
         if ch is None:
             if tracked:
-                self.poison_inputs(node, f"{node.op} at {node.site} reads channels as a secondary input")
+                self.poison_inputs(
+                    node, f"{node.op} at {node.site} reads channels as a secondary input"
+                )
             return
         out_shape = node.outputs[0].shape
         spatial = node.op in SPATIAL_OPS
-        same_channels = len(out_shape) > ch.axis and out_shape[ch.axis] == node.input_info[0].shape[ch.axis]
+        same_channels = (
+            len(out_shape) > ch.axis and out_shape[ch.axis] == node.input_info[0].shape[ch.axis]
+        )
         if extra or not same_channels or (spatial and (ch.axis != 1 or ch.block != 1)):
             self.poison_inputs(node, f"{node.op} at {node.site} changes or mixes channels")
             return
@@ -310,7 +393,9 @@ class _Analysis:
         if k0 is None:
             return
         first = self.tensors[node.inputs[k0]]
-        axis = first.axis + rank - len(node.input_info[k0].shape)  # in the output's (broadcast) rank
+        axis = (
+            first.axis + rank - len(node.input_info[k0].shape)
+        )  # in the output's (broadcast) rank
         block = first.block
         size = out_shape[axis]
         aligned: list[_Channels] = []
@@ -326,7 +411,10 @@ class _Analysis:
                     self.unsafe(ch.ids, f"broadcast along channels at {node.site}")
                 continue
             if ch is None or ch.axis != pos or ch.block != block or dim != size:
-                self.poison_inputs(node, f"{node.op} at {node.site} mixes tracked channels with an untracked tensor")
+                self.poison_inputs(
+                    node,
+                    f"{node.op} at {node.site} mixes tracked channels with an untracked tensor",
+                )
                 return
             aligned.append(ch)
         if not aligned:  # a single channel broadcast everywhere
@@ -355,12 +443,20 @@ class _Analysis:
         shapes = [i.shape for i in node.input_info]
         dim = node.option("dim")
         if dim is None:
-            dims = [d for d in range(len(out_shape)) if out_shape[d] == sum(s[d] for s in shapes)
-                    and all(s[e] == out_shape[e] for s in shapes for e in range(len(out_shape)) if e != d)]
+            dims = [
+                d
+                for d in range(len(out_shape))
+                if out_shape[d] == sum(s[d] for s in shapes)
+                and all(
+                    s[e] == out_shape[e] for s in shapes for e in range(len(out_shape)) if e != d
+                )
+            ]
             dim = dims[0] if len(dims) == 1 or len(shapes) > 1 else 1
         dim = dim % len(out_shape)
         if any(c is None or c.axis != 1 or c.block != 1 for c in chans):
-            self.poison_inputs(node, f"cat at {node.site} joins tracked channels with untracked tensors")
+            self.poison_inputs(
+                node, f"cat at {node.site} joins tracked channels with untracked tensors"
+            )
             return
         if dim == 1:
             ids = [i for c in chans for i in c.ids]
@@ -386,7 +482,11 @@ class _Analysis:
         elif len(out_shape) == len(in_shape):  # keepdim: the reduced axes have size 1
             keeps = out_shape[:2] == in_shape[:2]
         else:  # without dims, only an unambiguous spatial reduction is understood
-            keeps = len(out_shape) >= 2 and out_shape[:2] == in_shape[:2] and in_shape[1] not in in_shape[2:]
+            keeps = (
+                len(out_shape) >= 2
+                and out_shape[:2] == in_shape[:2]
+                and in_shape[1] not in in_shape[2:]
+            )
         if not keeps or ch.axis != 1 or ch.block != 1 or len(node.inputs) > 1:
             self.poison_inputs(node, f"{node.op} at {node.site} reduces over channels")
             return
@@ -403,8 +503,12 @@ class _Analysis:
             self.set_out(node, _Channels(list(ch.ids), list(ch.zero), ch.axis, ch.block))
             return
         flattens = (
-            ch.axis == 1 and ch.block == 1 and len(out_shape) == 2 and len(in_shape) >= 2
-            and out_shape[0] == in_shape[0] and out_shape[1] == math.prod(in_shape[1:])
+            ch.axis == 1
+            and ch.block == 1
+            and len(out_shape) == 2
+            and len(in_shape) >= 2
+            and out_shape[0] == in_shape[0]
+            and out_shape[1] == math.prod(in_shape[1:])
         )
         if not flattens:
             self.poison_inputs(node, f"{node.op} at {node.site} reshapes the channel axis")
@@ -456,13 +560,29 @@ def channel_groups(
     for r in roots:
         first = min(s.param for s in slots[r].values() if s.role == "filter")
         members.setdefault(layer_uf.find(layer_ids[first]), []).append(r)
-    order = {node.inputs[1].name: n for n, node in enumerate(graph) if len(node.inputs) > 1 and node.inputs[1].kind == "param"}
+    order = {
+        node.inputs[1].name: n
+        for n, node in enumerate(graph)
+        if len(node.inputs) > 1 and node.inputs[1].kind == "param"
+    }
     groups = []
     for rs in members.values():
-        layers = sorted({s.param for r in rs for s in slots[r].values() if s.role == "filter"}, key=lambda p: order.get(p, 0))
+        layers = sorted(
+            {s.param for r in rs for s in slots[r].values() if s.role == "filter"},
+            key=lambda p: order.get(p, 0),
+        )
         classes = []
         for r in rs:
-            ordered = sorted(slots[r].values(), key=lambda s: (ROLES.index(s.role), order.get(s.param, 0), s.param, s.axis, s.start))
+            ordered = sorted(
+                slots[r].values(),
+                key=lambda s: (
+                    ROLES.index(s.role),
+                    order.get(s.param, 0),
+                    s.param,
+                    s.axis,
+                    s.start,
+                ),
+            )
             classes.append(ChannelClass(tuple(ordered)))
         classes.sort(key=lambda c: (layers.index(c.filters[0].param), c.filters[0].start))
         why = list(dict.fromkeys(reason for r in rs for reason in reasons.get(r, ())))

@@ -38,7 +38,9 @@ class FilterPruningState:
     groups: PruningGroups = static_field()
     prune_batch_norms: bool = static_field(default=True)
     frozen: bool = static_field(default=False)
-    costs: tuple[LayerCost, ...] = static_field(default=())  # set when the level is a FLOPs fraction
+    costs: tuple[LayerCost, ...] = static_field(
+        default=()
+    )  # set when the level is a FLOPs fraction
     # (name, shape, dtype) of the traced model inputs: export probes the masked model with them
     inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = static_field(default=())
 
@@ -52,7 +54,9 @@ class FilterPruningState:
         return group_rows(graph, self.groups, self.pruned, self.costs)
 
 
-def prune_order(groups: PruningGroups, params: Mapping[str, Tensor], criterion: str) -> list[tuple[int, int]]:
+def prune_order(
+    groups: PruningGroups, params: Mapping[str, Tensor], criterion: str
+) -> list[tuple[int, int]]:
     """``(group, class)`` pairs of the prunable groups, least important first over all groups at
     once, leaving out the most important class of every group (one channel always stays)."""
     candidates: list[tuple[float, int, int]] = []
@@ -70,7 +74,9 @@ def prune_order(groups: PruningGroups, params: Mapping[str, Tensor], criterion: 
     return order
 
 
-def _by_group(groups: PruningGroups, chosen: Sequence[tuple[int, int]]) -> tuple[tuple[int, ...], ...]:
+def _by_group(
+    groups: PruningGroups, chosen: Sequence[tuple[int, int]]
+) -> tuple[tuple[int, ...], ...]:
     per: dict[int, list[int]] = {}
     for g, c in chosen:
         per.setdefault(g, []).append(c)
@@ -87,7 +93,11 @@ def select_pruned(
 
 
 def select_pruned_for_flops(
-    groups: PruningGroups, params: Mapping[str, Tensor], level: float, criterion: str, costs: Sequence[LayerCost]
+    groups: PruningGroups,
+    params: Mapping[str, Tensor],
+    level: float,
+    criterion: str,
+    costs: Sequence[LayerCost],
 ) -> tuple[tuple[int, ...], ...]:
     """The shortest prefix of ``prune_order`` that removes at least the fraction ``level`` of the
     conv/linear FLOPs (all of it when the target cannot be reached); bisection on the prefix
@@ -106,7 +116,10 @@ def select_pruned_for_flops(
 
 
 def pruning_masks(
-    groups: PruningGroups, params: Mapping[str, Tensor], pruned: Sequence[Sequence[int]], prune_batch_norms: bool
+    groups: PruningGroups,
+    params: Mapping[str, Tensor],
+    pruned: Sequence[Sequence[int]],
+    prune_batch_norms: bool,
 ) -> dict[str, Tensor]:
     """Masks of every maskable slot of the prunable groups, zero on the pruned classes."""
     roles = MASKED_ROLES | ({"norm"} if prune_batch_norms else set())
@@ -154,35 +167,62 @@ def filter_pruning(
     (``select_pruned_for_flops``).
     """
     if criterion not in CRITERIA:
-        raise ConfigError(f"{origin}params.weight_importance", f"expected one of {list(CRITERIA)}, got {criterion!r}")
+        raise ConfigError(
+            f"{origin}params.weight_importance",
+            f"expected one of {list(CRITERIA)}, got {criterion!r}",
+        )
     if isinstance(schedule, (int, float)):
         if not 0.0 <= float(schedule) < 1.0:
-            raise ConfigError(f"{origin}params.pruning_target", f"expected a level in [0, 1), got {schedule!r}")
+            raise ConfigError(
+                f"{origin}params.pruning_target", f"expected a level in [0, 1), got {schedule!r}"
+            )
         value = float(schedule)
         level_of: Schedule = lambda progress: value  # noqa: E731
     else:
         level_of = schedule
 
-    def build(groups: PruningGroups, params: Mapping[str, Tensor], level: float, costs: tuple[LayerCost, ...],
-              inputs: tuple = (), frozen: bool = False) -> FilterPruningState:
+    def build(
+        groups: PruningGroups,
+        params: Mapping[str, Tensor],
+        level: float,
+        costs: tuple[LayerCost, ...],
+        inputs: tuple = (),
+        frozen: bool = False,
+    ) -> FilterPruningState:
         if flops:
             pruned = select_pruned_for_flops(groups, params, level, criterion, costs)
         else:
             pruned = select_pruned(groups, params, level, criterion)
         masks = pruning_masks(groups, params, pruned, prune_batch_norms)
-        return FilterPruningState(masks, level, pruned, groups, prune_batch_norms, frozen, costs, inputs)
-
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> FilterPruningState:
-        groups = channel_groups(
-            graph, prune_first_conv=prune_first_conv, prune_downsample_convs=prune_downsample_convs,
-            ignored_scopes=ignored_scopes, target_scopes=target_scopes, origin=origin,
+        return FilterPruningState(
+            masks, level, pruned, groups, prune_batch_norms, frozen, costs, inputs
         )
-        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
+
+    def init(
+        graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None
+    ) -> FilterPruningState:
+        groups = channel_groups(
+            graph,
+            prune_first_conv=prune_first_conv,
+            prune_downsample_convs=prune_downsample_convs,
+            ignored_scopes=ignored_scopes,
+            target_scopes=target_scopes,
+            origin=origin,
+        )
+        source = (
+            graph.prior.method.params(params, graph.prior.state)
+            if graph.prior is not None
+            else params
+        )
         with torch.no_grad():
             inputs = tuple((name, tuple(info.shape), info.dtype) for name, info in graph.inputs)
-            return build(groups, source, level_of(Progress()), layer_costs(graph) if flops else (), inputs)
+            return build(
+                groups, source, level_of(Progress()), layer_costs(graph) if flops else (), inputs
+            )
 
-    def step(state: FilterPruningState, progress: Progress, params: Mapping[str, Tensor] | None = None) -> FilterPruningState:
+    def step(
+        state: FilterPruningState, progress: Progress, params: Mapping[str, Tensor] | None = None
+    ) -> FilterPruningState:
         if state.frozen:
             return state
         frozen = freeze_epoch is not None and progress.epoch >= freeze_epoch
