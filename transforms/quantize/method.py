@@ -25,6 +25,7 @@ from .placement import (
     select_sites,
     weight_targets,
 )
+from .precision import Precision, PrecisionRequest, check_plan, resolve_plan
 from .quantizer import Quantizer, make_quantizer
 from .range_init import RangeInit, TensorStatistics
 
@@ -128,13 +129,14 @@ def quantization(
     range_init: RangeInit | None = None,
     quantize_inputs: bool = True,
     quantize_outputs: bool = False,
-    precision: Mapping[str, int] | None = None,
+    precision: Precision | None = None,
     origin: str = "",
 ) -> Compression:
     """Quantization-aware training: fake-quantize weights (weight transform) and activations (sites).
 
     ``precision`` maps quantizer keys (a weight's parameter name, an activation's tensor key)
-    to bits, overriding ``bits`` (a mixed-precision plan). ``origin`` prefixes the JSON path in
+    to bits, overriding ``bits`` (a mixed-precision plan), or is an initializer computing such a
+    plan at ``init`` (``purecomp.transforms.mixed_precision.hawq``, ``manual``). ``origin`` prefixes the JSON path in
     error messages (``compression[1].`` when built from a config).
     """
     w_settings = QuantizerSettings.of(weights, f"{origin}weights")
@@ -142,22 +144,19 @@ def quantization(
     if a_settings.per_channel:
         raise ConfigError(f"{origin}activations.per_channel", "per-channel activation quantizers are not supported; expected false")
     init_cfg = range_init or RangeInit()
-    plan = dict(precision or {})
-    for key, bits in plan.items():
-        try:
-            check_bits(bits)
-        except QuantizerRangeError as exc:
-            raise ConfigError(f"{origin}precision[{key!r}]", str(exc)) from None
+    fixed_plan = None if callable(precision) else check_plan(precision or {}, origin)
 
     def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> QuantizationState:
         allowed = select_sites(graph, ignored_scopes, target_scopes, origin)
         w_targets = weight_targets(graph, allowed)
         a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
+        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
+        request = PrecisionRequest(graph, source, data, tuple(w_targets), tuple(a_targets), w_settings, origin)
+        plan = fixed_plan if fixed_plan is not None else resolve_plan(precision, request)
         known = {t.param for t in w_targets} | {t.key for t in a_targets}
         for key in plan:
             if key not in known:
                 raise ConfigError(f"{origin}precision", f"{key!r} is not a quantizer of this model; expected one of {sorted(known)[:8]}...")
-        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
         w_quant = {
             t.param: _weight_quantizer(t, source[t.param], w_settings, plan.get(t.param, w_settings.bits))
             for t in w_targets
