@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,26 @@ def register_algorithm(name: str, builder: AlgorithmBuilder) -> None:
     ALGORITHMS[name] = builder
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What a builder may need beyond its section; it receives it when it takes a ``context``
+    parameter. ``criterion`` (loss of ``(outputs, targets)``) and ``init_data`` (batches of
+    ``(inputs, targets)``) serve initializers that need a loss (HAWQ); ``validate_only`` is set
+    while ``load_config`` checks the config, before they can be given."""
+
+    target_device: str = "ANY"
+    criterion: Callable[[Any, Any], Any] | None = None
+    init_data: Iterable[Any] | None = None
+    validate_only: bool = False
+
+
+def _build(name: str, section: Mapping[str, Any], origin: str, context: BuildContext) -> Compression:
+    builder = ALGORITHMS[name]
+    if "context" in inspect.signature(builder).parameters:
+        return builder(section, origin, context=context)  # type: ignore[call-arg]
+    return builder(section, origin)
+
+
 def _register_builtins() -> None:
     from purecomp.transforms.binarize.from_config import binarization_from_config
     from purecomp.transforms.prune.from_config import filter_pruning_from_config
@@ -117,9 +138,18 @@ class CompressionConfig:
             return [(f"compression[{i}].", s) for i, s in enumerate(section)]
         return [("compression.", section)]
 
-    def method(self) -> Compression:
-        """The ``Compression`` this config describes (a chain when several algorithms are listed)."""
-        methods = [ALGORITHMS[s["algorithm"]](s, origin) for origin, s in self.algorithms]
+    def method(
+        self, *, criterion: Callable[[Any, Any], Any] | None = None, init_data: Iterable[Any] | None = None
+    ) -> Compression:
+        """The ``Compression`` this config describes (a chain when several algorithms are listed).
+
+        ``criterion(outputs, targets)`` and ``init_data`` (batches of ``(inputs, targets)``; default:
+        the calibration data given to ``init``) are needed by ``initializer.precision`` of
+        ``type: hawq``; without a criterion such a config raises ``ConfigError`` naming it."""
+        return self._method(BuildContext(self.data.get("target_device", "ANY"), criterion, init_data))
+
+    def _method(self, context: BuildContext) -> Compression:
+        methods = [_build(s["algorithm"], s, origin, context) for origin, s in self.algorithms]
         return methods[0] if len(methods) == 1 else chain(*methods)
 
     @property
@@ -198,7 +228,8 @@ def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:
         if sub is not None:
             prefix = _origin_parts(origin)
             _validate(section, sub, root, prefix)
-    cfg.method()  # semantic checks (ranges, percentiles) raise here, with their JSON path
+    # semantic checks (ranges, percentiles) raise here, with their JSON path
+    cfg._method(BuildContext(data.get("target_device", "ANY"), validate_only=True))
     return cfg
 
 

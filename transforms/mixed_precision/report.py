@@ -51,6 +51,7 @@ class PrecisionReport:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         names = list(self.traces)
         colors = {b: plt.cm.viridis(i / max(1, len(self.bits) - 1)) for i, b in enumerate(self.bits)}
@@ -61,9 +62,7 @@ class PrecisionReport:
         top.set_yscale("log")
         top.set_ylabel("|average Hessian trace|")
         top.set_title(f"{title}: ratio {self.ratio:.3g} (target {self.target:g}), {self.mode} mode")
-        for b, c in colors.items():
-            top.bar([], [], color=c, label=f"{b} bits")
-        top.legend()
+        top.legend(handles=[Patch(color=c, label=f"{b} bits") for b, c in colors.items()])
         bottom.step(range(len(names)), [self.weight_bits[n] for n in names], where="mid")
         bottom.set_yticks(list(self.bits))
         bottom.set_ylabel("weight bits")

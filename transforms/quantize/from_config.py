@@ -26,7 +26,13 @@ def range_init_from_config(section: Mapping[str, Any], origin: str) -> RangeInit
         raise ConfigError(f"{origin}{exc.path}", str(exc).split(": ", 1)[-1]) from None
 
 
-def quantization_from_config(section: Mapping[str, Any], origin: str) -> Compression:
+def quantization_from_config(section: Mapping[str, Any], origin: str, context: Any = None) -> Compression:
+    """``context`` (``purecomp.config.BuildContext``) carries the target device, loss and data
+    that ``initializer.precision`` of ``type: hawq`` needs."""
+    from purecomp.transforms.mixed_precision.from_config import precision_from_config
+
+    spec = section.get("initializer", {}).get("precision")
+    precision = precision_from_config(spec, f"{origin}initializer.precision.", context)
     return quantization(
         weights=section.get("weights"),
         activations=section.get("activations"),
@@ -35,5 +41,6 @@ def quantization_from_config(section: Mapping[str, Any], origin: str) -> Compres
         range_init=range_init_from_config(section, origin),
         quantize_inputs=section.get("quantize_inputs", True),
         quantize_outputs=section.get("quantize_outputs", False),
+        precision=precision,
         origin=origin,
     )

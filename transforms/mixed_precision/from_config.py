@@ -1,0 +1,43 @@
+"""``initializer.precision`` of a quantization config section -> a precision initializer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from purecomp.errors import ConfigError
+
+from .hardware import hardware_setting
+from .hawq import Hawq, Manual, hawq, manual
+
+HAWQ_KEYS = ("bits", "num_data_points", "iter_number", "tolerance", "compression_ratio",
+             "bitwidth_assignment_mode", "seed")
+MANUAL_KEYS = ("bitwidth_per_scope",)
+
+
+def precision_from_config(spec: Mapping[str, Any] | None, path: str, context: Any) -> Hawq | Manual | None:
+    """Build from a validated ``precision`` object; ``path`` is its JSON path plus ``.``.
+
+    ``type: hawq`` needs ``context.criterion`` (``CompressionConfig.method(criterion=...)``) unless
+    the config is only being validated; ``context.target_device`` supplies the bit widths."""
+    if spec is None:
+        return None
+    kind = spec["type"]
+    allowed = HAWQ_KEYS if kind == "hawq" else MANUAL_KEYS
+    for key in spec:
+        if key != "type" and key not in allowed:
+            raise ConfigError(f"{path}{key}", f"not a key of type {kind!r}; expected one of {list(allowed)}")
+    if kind == "manual":
+        if "bitwidth_per_scope" not in spec:
+            raise ConfigError(f"{path}bitwidth_per_scope", "missing; type 'manual' needs [[bits, scope], ...]")
+        return manual(spec["bitwidth_per_scope"], path)
+    options = {k: spec[k] for k in HAWQ_KEYS if k in spec}
+    device = getattr(context, "target_device", "ANY")
+    hardware_setting(device, options.get("bits"), options.get("bitwidth_assignment_mode", "strict"), origin=path)
+    criterion = getattr(context, "criterion", None)
+    if criterion is None:
+        if getattr(context, "validate_only", False):
+            return None
+        raise ConfigError(path.rstrip("."), "type 'hawq' needs a loss for the Hessian: call "
+                                            "CompressionConfig.method(criterion=..., init_data=...)")
+    return hawq(criterion, data=getattr(context, "init_data", None), path=path, target_device=device, **options)
