@@ -1,8 +1,16 @@
 """purecomp: neural-network compression for PyTorch as pure transforms."""
 
 from . import errors, export, schedules
+from .api import (
+    CompressionController,
+    CompressionStage,
+    Config,
+    create_compressed_model,
+    register_default_init_args,
+)
 from .apply import apply, compile_apply
 from .batchnorm import adapt_batchnorm
+from .checkpoint import load_state, save_state
 from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
@@ -13,6 +21,13 @@ from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
 
 __all__ = [
+    "CompressionController",
+    "CompressionStage",
+    "Config",
+    "create_compressed_model",
+    "load_state",
+    "register_default_init_args",
+    "save_state",
     "Compression",
     "CompressionConfig",
     "ModelGraph",

@@ -192,6 +192,8 @@ class CompressionConfig:
     def trace(self, model: nn.Module) -> ModelGraph:
         """Trace ``model`` on inputs from ``input_info``; raise ``InputInfoError`` when they do not fit."""
         args, kwargs = self.example_inputs()
+        was_training = model.training
+        model.eval()  # input_info usually has batch 1, which training-mode BatchNorm refuses
         try:
             return trace(model, args, kwargs)
         except Exception as exc:  # the model's own error says why the shapes do not fit
@@ -200,6 +202,8 @@ class CompressionConfig:
                 "input_info",
                 f"the model cannot run on inputs of shape {shapes}: {type(exc).__name__}: {exc}",
             ) from exc
+        finally:
+            model.train(was_training)
 
 
 def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:

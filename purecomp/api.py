@@ -1,0 +1,334 @@
+"""The NNCF-style front door: ``create_compressed_model(model, config) -> (controller, module)``.
+
+A thin, imperative wrapper over the pure core; it adds no algorithm. ``CompressedModule``
+holds the user's model and the compression state's tensors as parameters (trainable
+leaves) and buffers (the rest), so ``torch.optim``, ``DataParallel`` and
+``DistributedDataParallel`` see them; its forward is ``purecomp.apply``. The controller
+initializes the state (calibration, BatchNorm adaptation, precision init), steps the
+schedules, reports statistics, checkpoints and exports.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .apply import apply
+from .batchnorm import adapt_batchnorm
+from .checkpoint import decode_state, encode_state
+from .compression import Compression, Progress
+from .config import CompressionConfig, load_config
+from .errors import CalibrationError, ConfigError, StateError
+from .graph import ModelGraph
+from .stats import Report, statistics
+from .struct import tree_flatten, tree_unflatten
+
+COMPRESSION_STATE_VERSION = 1
+
+
+class Config(dict):
+    """An NNCF-style config: the JSON document plus the init arguments registered on it."""
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Config:
+        return cls(load_config(path).data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        return cls(load_config(data).data)
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        return self.setdefault("__init_args__", {})
+
+    def compression_config(self) -> CompressionConfig:
+        return load_config({k: v for k, v in self.items() if k != "__init_args__"})
+
+
+def register_default_init_args(config: Config, train_loader: Iterable[Any], criterion: Callable | None = None) -> Config:
+    """Remember the data (range init, BatchNorm adaptation, HAWQ) and the loss (HAWQ) for ``initialize``."""
+    if not isinstance(config, Config):
+        raise ConfigError("", f"expected a purecomp.Config (Config.from_json / from_dict), got {type(config).__name__}")
+    config.init_args.update(data=train_loader, criterion=criterion)
+    return config
+
+
+class CompressionStage(enum.IntEnum):
+    UNCOMPRESSED = 0
+    PARTIALLY_COMPRESSED = 1
+    FULLY_COMPRESSED = 2
+
+
+class CompressedModule(nn.Module):
+    """The user's model run with a compression state; state tensors are its parameters and buffers.
+
+    Trainable state leaves are registered as ``nn.Parameter`` s named ``compression_<i>``; other
+    tensor leaves as buffers. ``set_state`` writes a stepped state's new tensors into the
+    registered ones in place, so optimizers and DDP keep seeing the same objects.
+    """
+
+    def __init__(self, model: nn.Module, method: Compression) -> None:
+        super().__init__()
+        self.model = model
+        self._method = method
+        self._spec: Any = None
+        self._names: list[str] = []
+
+    def model_params(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+    @property
+    def state(self) -> Any:
+        if self._spec is None:
+            raise StateError("the compressed module has no state yet; call controller.initialize(data_loader)")
+        leaves = [getattr(self, name) if name else None for name in self._names]
+        return tree_unflatten(self._spec, leaves)
+
+    def set_state(self, state: Any) -> None:
+        leaves, spec = tree_flatten(state)
+        same_layout = self._spec is not None and len(leaves) == len(self._names) and all(
+            (name == "") == (not isinstance(leaf, Tensor))
+            and (not name or (getattr(self, name).shape == leaf.shape and getattr(self, name).dtype == leaf.dtype))
+            for name, leaf in zip(self._names, leaves)
+        )
+        if same_layout:
+            with torch.no_grad():
+                for name, leaf in zip(self._names, leaves):
+                    if name and leaf is not getattr(self, name):
+                        getattr(self, name).copy_(leaf)
+            self._spec = spec
+            return
+        for name in self._names:
+            if name:
+                delattr(self, name)
+        self._names = []
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, Tensor):
+                self._names.append("")
+                continue
+            name = f"compression_{i}"
+            if leaf.requires_grad:
+                self.register_parameter(name, nn.Parameter(leaf.detach().clone(), requires_grad=True))
+            else:
+                self.register_buffer(name, leaf.detach().clone())
+            self._names.append(name)
+        self._spec = spec
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return apply(self.model, self._method, self.model_params(), self.state, *args, **kwargs)
+
+
+class Scheduler:
+    """NNCF's scheduler calls: ``epoch_step()`` at the start of each epoch, ``step()`` before each batch."""
+
+    def __init__(self, controller: CompressionController) -> None:
+        self._ctrl = controller
+        self.current_step = -1
+        self.current_epoch = -1
+        self._steps_in_epoch = 0
+        self.steps_per_epoch: int | None = None
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(max(self.current_step, 0), max(self.current_epoch, 0), self.steps_per_epoch)
+
+    def epoch_step(self, next_epoch: int | None = None) -> None:
+        if self.current_epoch == 0 and self.steps_per_epoch is None and self._steps_in_epoch:
+            self.steps_per_epoch = self._steps_in_epoch
+        self.current_epoch = self.current_epoch + 1 if next_epoch is None else next_epoch
+        self._steps_in_epoch = 0
+        self._ctrl._advance()
+
+    def step(self, next_step: int | None = None) -> None:
+        self.current_step = self.current_step + 1 if next_step is None else next_step
+        self._steps_in_epoch += 1
+        self._ctrl._advance()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current_step": self.current_step, "current_epoch": self.current_epoch,
+                "steps_in_epoch": self._steps_in_epoch, "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        self.current_step = int(data["current_step"])
+        self.current_epoch = int(data["current_epoch"])
+        self._steps_in_epoch = int(data["steps_in_epoch"])
+        self.steps_per_epoch = data["steps_per_epoch"]
+
+
+def model_signature(model: nn.Module) -> dict[str, list[int]]:
+    """Parameter and buffer names with their shapes: what a checkpoint must match."""
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: list(t.shape) for name, t in named.items()}
+
+
+class CompressionController:
+    """Imperative handle on the pure pieces: config, method, graph, the module holding the state."""
+
+    def __init__(self, config: Config, method: Compression, graph: ModelGraph, module: CompressedModule) -> None:
+        self.config = config
+        self.method = method
+        self.graph = graph
+        self.module = module
+        self.scheduler = Scheduler(self)
+        self._distributed = False
+
+    @property
+    def state(self) -> Any:
+        return self.module.state
+
+    def initialize(self, data_loader: Iterable[Any] | None = None) -> None:
+        """Range init / calibration, then BatchNorm adaptation if the config asks for it.
+
+        ``data_loader`` defaults to the one given to ``register_default_init_args``. In a
+        distributed run (``distributed()``) rank 0's state and BatchNorm statistics are
+        broadcast, so every rank holds identical quantizers, masks and gates.
+        """
+        data = data_loader if data_loader is not None else self.config.init_args.get("data")
+        if data is None:
+            raise CalibrationError("initialize needs a data loader (argument or register_default_init_args)")
+        model = self.module.model
+        state = self.method.init(self.graph, self.module.model_params(), data)
+        samples = self.config.compression_config().num_bn_adaptation_samples
+        if samples > 0:
+            params = self.module.model_params() | dict(model.named_buffers())
+            adapted = adapt_batchnorm(model, self.method, params, state, data, samples)
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():
+                    if name in adapted and adapted[name] is not buffer:
+                        buffer.copy_(adapted[name])
+        self.module.set_state(state)
+        if self._distributed:
+            self._broadcast_from_rank0()
+
+    def _broadcast_from_rank0(self) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise StateError("distributed() was called but torch.distributed is not initialized")
+        with torch.no_grad():
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def distributed(self) -> None:
+        """Make ``initialize`` broadcast rank 0's state to every rank (call before ``initialize``)."""
+        self._distributed = True
+
+    def _advance(self) -> None:
+        state = self.method.step(self.state, self.scheduler.progress, self.module.model_params())
+        self.module.set_state(state)
+
+    def loss(self) -> Tensor:
+        return self.method.loss(self.module.model_params(), self.state)
+
+    def statistics(self) -> Report:
+        return statistics(self.graph, self.state)
+
+    def compression_stage(self) -> CompressionStage:
+        """FULLY once every algorithm is at its final level, PARTIALLY before, UNCOMPRESSED with nothing on."""
+        from .transforms.binarize import BinarizationState
+
+        levels = []
+        members = self.state if isinstance(self.state, tuple) else (self.state,)
+        targets = [s for _, s in self.config.compression_config().algorithms]
+        for section, member in zip(targets, members):
+            params = section.get("params", {})
+            if isinstance(member, BinarizationState):
+                on = int(member.weights_on) + int(member.activations_on)
+                levels.append(on / 2)
+            elif hasattr(member, "level"):
+                target = params.get("sparsity_target", params.get("pruning_target", 0.5))
+                levels.append(min(1.0, member.level / target) if target else 1.0)
+            else:
+                levels.append(1.0)
+        if all(v >= 1.0 - 1e-9 for v in levels):
+            return CompressionStage.FULLY_COMPRESSED
+        if any(v > 0 for v in levels):
+            return CompressionStage.PARTIALLY_COMPRESSED
+        return CompressionStage.UNCOMPRESSED
+
+    def get_compression_state(self) -> dict[str, Any]:
+        """Config, model signature, scheduler position and the state: tensors and strings only."""
+        structure, tensors = encode_state(self.state)
+        config = {k: v for k, v in self.config.items() if k != "__init_args__"}
+        return {
+            "version": COMPRESSION_STATE_VERSION,
+            "config": json.dumps(config, sort_keys=True),
+            "signature": json.dumps(model_signature(self.module.model), sort_keys=True),
+            "scheduler": json.dumps(self.scheduler.state_dict()),
+            "structure": structure,
+            "tensors": tensors,
+        }
+
+    def load_compression_state(self, saved: Mapping[str, Any]) -> None:
+        """Restore a ``get_compression_state()``; raises ``StateError`` naming any mismatch, changing nothing."""
+        missing = {"version", "config", "signature", "scheduler", "structure", "tensors"} - set(saved)
+        if missing:
+            raise StateError(f"not a purecomp compression state: missing {sorted(missing)}")
+        if saved["version"] != COMPRESSION_STATE_VERSION:
+            raise StateError(f"compression state version {saved['version']!r}; expected {COMPRESSION_STATE_VERSION}")
+        config = {k: v for k, v in self.config.items() if k != "__init_args__"}
+        _check_same("config", json.loads(saved["config"]), config)
+        _check_same("model", json.loads(saved["signature"]), model_signature(self.module.model))
+        state = decode_state(saved["structure"], list(saved["tensors"]))
+        scheduler = json.loads(saved["scheduler"])
+        self.module.set_state(state)
+        self.scheduler.load_state_dict(scheduler)
+
+    def strip(self) -> nn.Module:
+        """The materialized module (``purecomp.export.materialize``): masks baked, channels removed, QDQ ops."""
+        from .export import materialize
+
+        return materialize(self.module.model, self.method, self.module.model_params(), self.state, self.graph)
+
+    def export_model(self, path: str | Path, example_inputs: Any = None) -> Path:
+        """Write ONNX (``purecomp.export.to_onnx``); inputs from ``input_info`` unless given."""
+        from .export import to_onnx
+
+        if example_inputs is None:
+            args, kwargs = self.config.compression_config().example_inputs()
+            if kwargs:
+                raise ConfigError("input_info", "export_model needs positional inputs; pass example_inputs")
+            example_inputs = args
+        return to_onnx(self.module.model, self.method, self.module.model_params(), self.state, example_inputs, path)
+
+
+def _check_same(what: str, saved: Any, current: Any) -> None:
+    if saved == current:
+        return
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key) != current.get(key):
+                raise StateError(
+                    f"the compression state was built for another {what}: {key!r} is "
+                    f"{saved.get(key)!r} in the checkpoint, {current.get(key)!r} here"
+                )
+    raise StateError(f"the compression state was built for another {what}")
+
+
+def create_compressed_model(
+    model: nn.Module, config: Config | Mapping[str, Any], compression_state: Mapping[str, Any] | None = None
+) -> tuple[CompressionController, CompressedModule]:
+    """Wrap ``model`` for compressed training (NNCF's entry point).
+
+    Without ``compression_state`` the returned controller must be initialized
+    (``ctrl.initialize(loader)`` or the loader given to ``register_default_init_args``, used
+    at once when present). With it, the state is restored (no calibration runs).
+    """
+    if not isinstance(config, Config):
+        config = Config.from_dict(config)
+    cconfig = config.compression_config()
+    method = cconfig.method(criterion=config.init_args.get("criterion"), init_data=config.init_args.get("data"))
+    graph = cconfig.trace(model)
+    module = CompressedModule(model, method)
+    ctrl = CompressionController(config, method, graph, module)
+    if compression_state is not None:
+        ctrl.load_compression_state(compression_state)
+    elif config.init_args.get("data") is not None:
+        ctrl.initialize()
+    return ctrl, module
