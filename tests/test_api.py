@@ -281,7 +281,11 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        after_steps = {k: v.clone() for k, v in module.state_dict().items()}
+        # BatchNorm running statistics stay per rank under DDP (as without compression); the
+        # weights and every compression tensor must agree
+        trained = {name for name, _ in module.named_parameters()} | {
+            name for name, _ in module.named_buffers() if name.startswith("compression_")}
+        after_steps = {k: v.clone() for k, v in module.state_dict().items() if k in trained}
         masks = {k: v.clone() for k, v in ctrl.state[0].gates().items()}
         torch.save({"init": after_init, "steps": after_steps, "masks": masks}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
