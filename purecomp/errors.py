@@ -44,3 +44,14 @@ class CalibrationError(PurecompError, ValueError):
 
 class OpsBuildError(PurecompError, RuntimeError):
     """The C++ ops could not be built while ``PURECOMP_OPS=cpp`` requires them."""
+
+
+class SearchError(PurecompError, RuntimeError):
+    """A step of a search failed (an AutoQ episode's evaluation). ``episode`` (-1: the INT8
+    baseline) and ``policy`` name the failing step; ``report`` holds everything found before it."""
+
+    def __init__(self, message: str, *, episode: int, policy: dict[str, int], report: object = None) -> None:
+        self.episode = episode
+        self.policy = policy
+        self.report = report
+        super().__init__(message)

@@ -151,7 +151,10 @@ def quantization(
         w_targets = weight_targets(graph, allowed)
         a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
         source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
-        request = PrecisionRequest(graph, source, data, tuple(w_targets), tuple(a_targets), w_settings, origin)
+        request = PrecisionRequest(
+            graph, source, data, tuple(w_targets), tuple(a_targets), w_settings, origin,
+            activation_quantizers=lambda p: _activation_quantizers(graph, params, a_targets, a_settings, p, init_cfg, data),
+        )
         plan = fixed_plan if fixed_plan is not None else resolve_plan(precision, request)
         known = {t.param for t in w_targets} | {t.key for t in a_targets}
         for key in plan:

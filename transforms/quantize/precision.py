@@ -8,7 +8,7 @@ calibration data, the quantizer targets and the weight settings.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -31,6 +31,9 @@ class PrecisionRequest:
     activations: tuple[ActivationTarget, ...]
     weight_settings: Any
     origin: str = ""
+    # plan -> the activation quantizers ``quantization`` would build for it (calibrated on ``data``);
+    # set by ``quantization``'s ``init`` for initializers that evaluate the quantized model (AutoQ)
+    activation_quantizers: Callable[[Mapping[str, int]], Mapping[str, Any]] | None = None
 
 
 class PrecisionInit(Protocol):
