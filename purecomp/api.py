@@ -211,6 +211,18 @@ class CompressionController:
 
         if not (dist.is_available() and dist.is_initialized()):
             raise StateError("distributed() was called but torch.distributed is not initialized")
+        # The structure first: static metadata (a precision plan's bits) may differ between ranks.
+        structure, tensors = encode_state(self.state)
+        header = [structure, [(tuple(t.shape), str(t.dtype)) for t in tensors]]
+        dist.broadcast_object_list(header, src=0)
+        structure, layout = header
+        if dist.get_rank() != 0:
+            dtypes = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                           torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool)}
+            tensors = [torch.empty(shape, dtype=dtypes[dtype]) for shape, dtype in layout]
+        for t in tensors:
+            dist.broadcast(t, src=0)
+        self.module.set_state(decode_state(structure, tensors))
         with torch.no_grad():
             for t in list(self.module.parameters()) + list(self.module.buffers()):
                 dist.broadcast(t.data, src=0)

@@ -24,5 +24,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
     assert (tmp_path / "model.onnx").stat().st_size > 0
-    state = namespace["state"]
-    assert state is not None
+    assert namespace["state"] is not None
+    ctrl = namespace["ctrl"]
+    assert ctrl.export_model(tmp_path / "model_int8.onnx").stat().st_size > 0
+    assert "quantizers" in str(ctrl.statistics())
