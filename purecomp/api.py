@@ -292,6 +292,14 @@ class CompressionController:
         self.module.set_state(state)
         self.scheduler.load_state_dict(scheduler)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Alias of ``get_compression_state``."""
+        return self.get_compression_state()
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Alias of ``load_compression_state``."""
+        self.load_compression_state(saved)
+
     def strip(self) -> nn.Module:
         """The materialized module (``purecomp.export.materialize``): masks baked, channels removed, QDQ ops."""
         from .export import materialize

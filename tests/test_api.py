@@ -207,6 +207,8 @@ def test_mismatched_or_malformed_checkpoints_raise_and_change_nothing():
     before = copy.deepcopy(module2.state_dict())
     with pytest.raises(StateError, match="another config"):
         ctrl2.load_compression_state(saved)
+    with pytest.raises(StateError, match="another config"):
+        ctrl2.load_state_dict(ctrl.state_dict())
 
     import torchvision
 
