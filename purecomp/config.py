@@ -97,6 +97,8 @@ class BuildContext:
     criterion: Callable[[Any, Any], Any] | None = None
     init_data: Iterable[Any] | None = None
     validate_only: bool = False
+    eval_fn: Callable[[Any, Any], float] | None = None  # AutoQ's metric: eval_fn(model_apply, loader)
+    eval_data: Iterable[Any] | None = None
 
 
 def _build(name: str, section: Mapping[str, Any], origin: str, context: BuildContext) -> Compression:
@@ -139,14 +141,18 @@ class CompressionConfig:
         return [("compression.", section)]
 
     def method(
-        self, *, criterion: Callable[[Any, Any], Any] | None = None, init_data: Iterable[Any] | None = None
+        self, *, criterion: Callable[[Any, Any], Any] | None = None, init_data: Iterable[Any] | None = None,
+        eval_fn: Callable[[Any, Any], float] | None = None, eval_data: Iterable[Any] | None = None,
     ) -> Compression:
         """The ``Compression`` this config describes (a chain when several algorithms are listed).
 
         ``criterion(outputs, targets)`` and ``init_data`` (batches of ``(inputs, targets)``; default:
         the calibration data given to ``init``) are needed by ``initializer.precision`` of
-        ``type: hawq``; without a criterion such a config raises ``ConfigError`` naming it."""
-        return self._method(BuildContext(self.data.get("target_device", "ANY"), criterion, init_data))
+        ``type: hawq``; without a criterion such a config raises ``ConfigError`` naming it.
+        ``eval_fn(model_apply, loader) -> float`` and ``eval_data`` (default: the calibration data)
+        serve ``type: autoq``."""
+        return self._method(BuildContext(self.data.get("target_device", "ANY"), criterion, init_data,
+                                         eval_fn=eval_fn, eval_data=eval_data))
 
     def _method(self, context: BuildContext) -> Compression:
         methods = [_build(s["algorithm"], s, origin, context) for origin, s in self.algorithms]

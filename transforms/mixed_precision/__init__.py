@@ -1,5 +1,7 @@
-"""Mixed precision: HAWQ-v2 (Hessian-trace sensitivity) and manual per-scope bit widths."""
+"""Mixed precision: HAWQ-v2 (Hessian-trace sensitivity), AutoQ (DDPG search against a metric) and
+manual per-scope bit widths."""
 
+from .autoq import AutoQ, AutoQReport, autoq, autoq_precision
 from .complexity import CostModel, op_flops
 from .hardware import HardwareSetting, hardware_setting, hardware_table
 from .hawq import (
@@ -17,6 +19,8 @@ from .search import Candidate, monotone_assignments, search, trace_order
 from .traces import TraceEstimate, autograd_traces, collect_batches, hutchinson_traces, rademacher
 
 __all__ = [
+    "AutoQ",
+    "AutoQReport",
     "Candidate",
     "CostModel",
     "HardwareSetting",
@@ -26,6 +30,8 @@ __all__ = [
     "PrecisionReport",
     "TraceEstimate",
     "autograd_traces",
+    "autoq",
+    "autoq_precision",
     "collect_batches",
     "hardware_setting",
     "hardware_table",

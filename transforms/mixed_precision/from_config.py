@@ -7,23 +7,27 @@ from typing import Any
 
 from purecomp.errors import ConfigError
 
+from .autoq.method import AutoQ, autoq
 from .hardware import hardware_setting
 from .hawq import Hawq, Manual, hawq, manual
 
 HAWQ_KEYS = ("bits", "num_data_points", "iter_number", "tolerance", "compression_ratio",
              "bitwidth_assignment_mode", "seed")
 MANUAL_KEYS = ("bitwidth_per_scope",)
+AUTOQ_KEYS = ("bits", "iter_number", "compression_ratio", "eval_subset_ratio", "warmup_iter_number",
+              "bitwidth_assignment_mode", "seed")
 
 
-def precision_from_config(spec: Mapping[str, Any] | None, path: str, context: Any) -> Hawq | Manual | None:
+def precision_from_config(spec: Mapping[str, Any] | None, path: str, context: Any) -> Hawq | Manual | AutoQ | None:
     """Build from a validated ``precision`` object; ``path`` is its JSON path plus ``.``.
 
     ``type: hawq`` needs ``context.criterion`` (``CompressionConfig.method(criterion=...)``) unless
-    the config is only being validated; ``context.target_device`` supplies the bit widths."""
+    the config is only being validated; ``type: autoq`` needs ``context.eval_fn`` (``eval_data``:
+    the data it scores on); ``context.target_device`` supplies the bit widths."""
     if spec is None:
         return None
     kind = spec["type"]
-    allowed = HAWQ_KEYS if kind == "hawq" else MANUAL_KEYS
+    allowed = HAWQ_KEYS if kind == "hawq" else AUTOQ_KEYS if kind == "autoq" else MANUAL_KEYS
     for key in spec:
         if key != "type" and key not in allowed:
             raise ConfigError(f"{path}{key}", f"not a key of type {kind!r}; expected one of {list(allowed)}")
@@ -31,6 +35,8 @@ def precision_from_config(spec: Mapping[str, Any] | None, path: str, context: An
         if "bitwidth_per_scope" not in spec:
             raise ConfigError(f"{path}bitwidth_per_scope", "missing; type 'manual' needs [[bits, scope], ...]")
         return manual(spec["bitwidth_per_scope"], path)
+    if kind == "autoq":
+        return _autoq_from_config(spec, path, context)
     options = {k: spec[k] for k in HAWQ_KEYS if k in spec}
     device = getattr(context, "target_device", "ANY")
     hardware_setting(device, options.get("bits"), options.get("bitwidth_assignment_mode", "strict"), origin=path)
@@ -41,3 +47,16 @@ def precision_from_config(spec: Mapping[str, Any] | None, path: str, context: An
         raise ConfigError(path.rstrip("."), "type 'hawq' needs a loss for the Hessian: call "
                                             "CompressionConfig.method(criterion=..., init_data=...)")
     return hawq(criterion, data=getattr(context, "init_data", None), path=path, target_device=device, **options)
+
+
+def _autoq_from_config(spec: Mapping[str, Any], path: str, context: Any) -> AutoQ | None:
+    options = {k: spec[k] for k in AUTOQ_KEYS if k in spec}
+    device = getattr(context, "target_device", "ANY")
+    hardware_setting(device, options.get("bits"), options.get("bitwidth_assignment_mode", "strict"), origin=path)
+    eval_fn = getattr(context, "eval_fn", None)
+    if eval_fn is None:
+        if getattr(context, "validate_only", False):
+            return None
+        raise ConfigError(path.rstrip("."), "type 'autoq' needs a metric to maximize: call "
+                                            "CompressionConfig.method(eval_fn=..., eval_data=...)")
+    return autoq(eval_fn, eval_data=getattr(context, "eval_data", None), path=path, target_device=device, **options)

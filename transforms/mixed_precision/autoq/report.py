@@ -11,13 +11,14 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class Episode:
     """One episode: the evaluated ``score``, ``reward = (score - baseline) / |baseline|``, the size
-    ratio and weight bits of the post-processed policy, and the exploration noise (``nan``: warm-up)."""
+    ratio and weight bits of the post-processed policy, and the exploration noise (``None``: warm-up,
+    uniform actions)."""
 
     episode: int
     score: float
     reward: float
     ratio: float
-    sigma: float
+    sigma: float | None
     policy: dict[str, int]
 
 
@@ -66,7 +67,7 @@ class AutoQReport:
         episodes = [e.episode for e in self.log]
         rewards = [e.reward for e in self.log]
         best = [max(rewards[: i + 1]) for i in range(len(rewards))]
-        warmup = sum(1 for e in self.log if e.sigma != e.sigma)  # nan marks warm-up
+        warmup = sum(1 for e in self.log if e.sigma is None)
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
         for ax in (top, bottom):
             if warmup:

@@ -133,7 +133,7 @@ def run_search(env: Environment, options: AutoQOptions, origin: str = "", progre
         score = _evaluate(env, policy, e, options, progress)
         reward = _reward(score, progress.baseline)
         ratio = size_ratio(policy, sizes)
-        sigma = noise_scale(e, episodes, warmup, options.sigma0)
+        sigma = None if e < warmup else noise_scale(e, episodes, warmup, options.sigma0)
         progress.log.append(Episode(e, score, reward, ratio, sigma, _weight_bits(env, policy)))
         best = progress.best
         if best is None or (score, -ratio) > (best[0], -best[1]):
