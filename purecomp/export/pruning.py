@@ -20,16 +20,8 @@ from torch import Tensor, nn
 
 from purecomp.errors import StateError
 
-from .prune_constants import carries_constants, consumer_constants, fold_constants
+from .prune_constants import _CONVS, carries_constants, consumer_constants, fold_constants
 
-_CONVS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
