@@ -193,6 +193,10 @@ class Baseline:
     model: nn.Module
     accuracy: float
 
+    def parts(self) -> tuple[TensorDataset, TensorDataset, DataLoader, DataLoader, nn.Module, float]:
+        """``(train_set, test_set, train, test, model, accuracy)`` (no copies)."""
+        return self.train_set, self.test_set, self.train, self.test, self.model, self.accuracy
+
 
 def train_baseline(dataset: str, epochs: int, seed: int, arch: str = "digits_cnn") -> Baseline:
     """Load ``dataset``, train ``arch`` (``ARCHITECTURES``) in FP32 (Adam 3e-3, cosine) and evaluate it."""

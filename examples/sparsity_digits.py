@@ -108,14 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     baseline = train_baseline(args.dataset, args.epochs, args.seed)
-    train_set, test_set, train, test, base, fp32 = (
-        baseline.train_set,
-        baseline.test_set,
-        baseline.train,
-        baseline.test,
-        baseline.model,
-        baseline.accuracy,
-    )
+    train_set, test_set, train, test, base, fp32 = baseline.parts()
 
     target_epoch = max(
         1, args.finetune_epochs // 3
