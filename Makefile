@@ -21,7 +21,7 @@ demo: venv
 	$(PY) examples/digits_demo.py
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-quick: venv
 	$(PY) -m pytest -q -m "not slow"
