@@ -1,0 +1,524 @@
+"""The machinery the training samples share: arguments, DDP, the compressed model, the loops, export.
+
+A sample (classification, detection, segmentation) describes its task with a ``prepare``
+function returning ``SampleParts`` (model, data sets, loss, metric) and calls
+``run_sample(prepare, argv)``. Everything else is here:
+
+- ``add_common_args``: ``--config --mode --epochs --batch-size --lr --weights --resume
+  --output-dir --seed --workers --max-steps-per-epoch --max-eval-batches``;
+- ``setup_distributed``: a gloo process group from the variables torchrun sets
+  (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...), a single process otherwise;
+- ``build_compressed``: ``pc.Config`` + ``register_default_init_args`` +
+  ``create_compressed_model`` (calibration on the training data, or restored from a checkpoint);
+- ``train_one_epoch``: ``ctrl.scheduler.step()`` before each batch, task loss + ``ctrl.loss()``;
+  ``ctrl.scheduler.epoch_step()`` starts each epoch;
+- checkpoints: ``{"model": module.state_dict(), "compression": ctrl.get_compression_state(), ...}``
+  read back with ``torch.load(weights_only=True)``;
+- ``export_and_check``: ``ctrl.export_model(path)`` and one batch through ONNX Runtime,
+  compared with the PyTorch compressed model.
+
+Modes: ``train`` (compress, fine-tune, checkpoint every epoch, evaluate, export),
+``test`` (evaluate; from ``--resume`` or freshly calibrated from ``--weights``) and ``export``
+(ONNX from ``--resume`` or freshly calibrated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+import purecomp as pc
+
+MODES = ("train", "test", "export")
+
+
+class SampleError(ValueError):
+    """A sample's input (arguments, files, checkpoint) is not what the sample expects."""
+
+
+class WeightsError(SampleError):
+    """A ``--weights`` file does not fit the model (missing, unexpected or reshaped tensors)."""
+
+
+Metrics = dict[str, float]
+Evaluate = Callable[[nn.Module, Iterable[Any]], Metrics]
+
+
+@dataclasses.dataclass
+class SampleParts:
+    """What a task gives the runner.
+
+    ``input_shape`` is one sample's shape (C, H, W), written into the config's ``input_info``.
+    ``criterion(outputs, targets)`` is the task loss; ``evaluate(model, batches)`` returns
+    metrics (the first is the one the checkpoint ``best.pt`` is chosen by, higher is better).
+    """
+
+    model: nn.Module
+    train_set: Dataset
+    val_set: Dataset
+    criterion: Callable[[Any, Any], Tensor]
+    evaluate: Evaluate
+    input_shape: Sequence[int]
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+Prepare = Callable[[argparse.Namespace, Mapping[str, Any]], SampleParts]
+
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_config: Path | None = None) -> argparse.ArgumentParser:
+    """The arguments every sample takes; ``None`` defaults fall back to the config's keys."""
+    parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
+                        help="compression config JSON (see examples/configs/)")
+    parser.add_argument("--mode", choices=MODES, default="train")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config's 'epochs', else 1")
+    parser.add_argument("--batch-size", type=int, default=None, help="per process; default: the config's 'batch_size'")
+    parser.add_argument("--lr", type=float, default=None, help="default: the config's optimizer.base_lr")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="state_dict of the uncompressed model to start from (never downloaded)")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a checkpoint written by this sample: resume training, or test / export it")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's 'seed', else 0")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each training epoch short")
+    parser.add_argument("--max-eval-batches", type=int, default=None, help="evaluate on this many batches only")
+    parser.add_argument("--no-export", action="store_true", help="train/test without writing ONNX at the end")
+    return parser
+
+
+def resolve(args: argparse.Namespace, config: Mapping[str, Any]) -> argparse.Namespace:
+    """Fill the ``None`` arguments from the config's training keys (NNCF samples' convention)."""
+    optimizer = dict(config.get("optimizer", {}))
+    filled = {
+        "epochs": config.get("epochs", 1),
+        "batch_size": config.get("batch_size", 8),
+        "lr": optimizer.get("base_lr", 1e-3),
+        "seed": config.get("seed", 0),
+    }
+    out = argparse.Namespace(**vars(args))
+    for key, value in filled.items():
+        if getattr(out, key, None) is None:
+            setattr(out, key, value)
+    return out
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Rank and world size; ``enabled`` when torchrun started more than one process."""
+
+    rank: int = 0
+    world_size: int = 1
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """A gloo process group when torchrun's ``WORLD_SIZE`` > 1, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), True)
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, train: bool, info: DistInfo, workers: int, seed: int,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """Shuffled (and sharded across ranks) for training; in order, whole, for evaluation."""
+    sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=seed) if (
+        train and info.enabled) else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate_fn, generator=generator, drop_last=False)
+
+
+def limited(batches: Iterable[Any], limit: int | None, desc: str, disable: bool = False) -> Iterator[Any]:
+    """Iterate ``batches`` (at most ``limit``) with a progress bar."""
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if limit is not None and total is not None:
+        total = min(total, limit)
+    with tqdm(batches, total=total, desc=desc, leave=False, disable=True if disable else None) as bar:
+        for i, batch in enumerate(bar):
+            if limit is not None and i >= limit:
+                break
+            yield batch
+
+
+# ---------------------------------------------------------------------------------- config, model
+
+
+def sample_config(path: Path, input_shape: Sequence[int]) -> pc.Config:
+    """The config at ``path`` with ``input_info.sample_size`` set to ``[1, *input_shape]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(f"config {path} does not exist; expected a JSON file such as examples/configs/resnet18_int8.json")
+    data = json.loads(path.read_text())
+    info = data.get("input_info")
+    if isinstance(info, list):
+        raise SampleError(f"{path}: input_info must be one input for the samples, got a list of {len(info)}")
+    data["input_info"] = {**(info or {}), "sample_size": [1, *[int(v) for v in input_shape]]}
+    return pc.Config.from_dict(data)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The raw JSON of a config (to read the training keys before the model exists)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(f"config {path} does not exist; expected a JSON file such as examples/configs/resnet18_int8.json")
+    return json.loads(path.read_text())
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load an uncompressed ``state_dict`` (optionally under 'state_dict' / 'model', 'module.' prefixes
+    stripped) into ``model``; ``WeightsError`` lists every missing, unexpected or reshaped key."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"--weights {path} does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(saved, dict) and "compression" in saved:
+        raise WeightsError(f"{path} is a compressed checkpoint of this sample; pass it as --resume, not --weights")
+    for key in ("state_dict", "model"):
+        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
+            saved = saved[key]
+    if not isinstance(saved, dict):
+        raise WeightsError(f"{path} holds a {type(saved).__name__}; expected a state_dict (name -> tensor)")
+    saved = {k.removeprefix("module."): v for k, v in saved.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    reshaped = [f"{k}: {list(saved[k].shape)} in the file, {list(own[k].shape)} in the model"
+                for k in sorted(set(own) & set(saved)) if tuple(saved[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        raise WeightsError(
+            f"{path} does not fit the model: missing {_head(missing)}, unexpected {_head(unexpected)}, "
+            f"reshaped {_head(reshaped)} (check --arch, --num-classes and the input channels)"
+        )
+    model.load_state_dict(saved)
+
+
+def _head(items: list[str], n: int = 5) -> str:
+    return "[]" if not items else "[" + ", ".join(items[:n]) + (f", ... {len(items) - n} more]" if len(items) > n else "]")
+
+
+def build_compressed(
+    model: nn.Module, config: pc.Config, init_loader: Iterable[Any], criterion: Callable | None, info: DistInfo,
+    compression_state: Mapping[str, Any] | None = None,
+) -> tuple[pc.CompressionController, pc.api.CompressedModule]:
+    """``create_compressed_model``: restored from ``compression_state``, else calibrated on ``init_loader``
+    (in a distributed run each rank calibrates and rank 0's state is broadcast)."""
+    if compression_state is not None:
+        return pc.create_compressed_model(model, config, compression_state=compression_state)
+    if not info.enabled:
+        config = pc.register_default_init_args(config, init_loader, criterion)
+        return pc.create_compressed_model(model, config)
+    ctrl, module = pc.create_compressed_model(model, config)
+    ctrl.distributed()
+    ctrl.initialize(init_loader)
+    return ctrl, module
+
+
+def make_optimizer(params: Iterable[Tensor], config: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
+    """Adam (default) or SGD from the config's ``optimizer`` (``type``, ``base_lr``, ``weight_decay``, ``momentum``)."""
+    spec = dict(config.get("optimizer", {}))
+    allowed = {"type", "base_lr", "weight_decay", "momentum"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise SampleError(f"optimizer.{unknown[0]}: unknown key; expected one of {sorted(allowed)}")
+    kind = str(spec.get("type", "adam")).lower()
+    wd = float(spec.get("weight_decay", 0.0))
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(spec.get("momentum", 0.9)), weight_decay=wd)
+    raise SampleError(f"optimizer.type: {spec['type']!r}; expected 'Adam' or 'SGD'")
+
+
+# ---------------------------------------------------------------------------------- loops
+
+
+def train_one_epoch(
+    model: nn.Module, ctrl: pc.CompressionController, loader: Iterable[Any], optimizer: torch.optim.Optimizer,
+    criterion: Callable[[Any, Any], Tensor], epoch: int, max_steps: int | None, show: bool,
+) -> float:
+    """One epoch: ``scheduler.step()`` before each batch, loss = task loss + ``ctrl.loss()``; mean loss."""
+    model.train()
+    total, steps = 0.0, 0
+    bar = limited(loader, max_steps, f"epoch {epoch}", disable=not show)
+    for inputs, targets in bar:
+        ctrl.scheduler.step()
+        loss = criterion(model(inputs), targets) + ctrl.loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    if steps == 0:
+        raise SampleError("the training data yielded no batch; check the dataset directory and --batch-size")
+    return total / steps
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, parts: SampleParts, loader: Iterable[Any], max_batches: int | None) -> Metrics:
+    """The task metric of ``module`` in eval mode on (at most ``max_batches`` of) ``loader``."""
+    was_training = module.training
+    module.eval()
+    try:
+        return parts.evaluate(module, limited(loader, max_batches, "evaluate"))
+    finally:
+        module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: Path, module: nn.Module, ctrl: pc.CompressionController, optimizer: torch.optim.Optimizer | None,
+    epoch: int, metrics: Metrics,
+) -> Path:
+    """``{"model", "compression", "optimizer", "epoch", "metrics"}``: tensors and plain values only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "model": module.state_dict(),
+        "compression": ctrl.get_compression_state(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "epoch": epoch,
+        "metrics": dict(metrics),
+    }, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of ``save_checkpoint`` (``weights_only``: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(f"--resume {path} does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"model", "compression", "epoch"} - set(saved) if isinstance(saved, dict) else {"model"}
+    if missing:
+        raise SampleError(f"{path} is not a checkpoint of these samples: missing {sorted(missing)}; "
+                          "an uncompressed state_dict goes to --weights")
+    return saved
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportCheck:
+    """ONNX Runtime run of the exported file on one batch, against the PyTorch compressed model."""
+
+    path: Path
+    output_shapes: tuple[tuple[int, ...], ...]
+    max_abs_diff: float
+    argmax_agreement: float
+
+    def rows(self) -> dict[str, Any]:
+        return {"onnx": str(self.path), "onnx output shapes": self.output_shapes,
+                "onnx max |diff|": self.max_abs_diff, "onnx argmax agreement %": self.argmax_agreement}
+
+
+def _flat_outputs(outputs: Any) -> list[np.ndarray]:
+    if isinstance(outputs, Tensor):
+        return [outputs.detach().numpy()]
+    if isinstance(outputs, Mapping):
+        return [a for v in outputs.values() for a in _flat_outputs(v)]
+    if isinstance(outputs, (tuple, list)):
+        return [a for v in outputs for a in _flat_outputs(v)]
+    return []
+
+
+def onnx_run(path: Path, inputs: Tensor) -> list[np.ndarray]:
+    """The outputs of the ONNX file at ``path`` for ``inputs`` in ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+
+
+@torch.no_grad()
+def export_and_check(ctrl: pc.CompressionController, module: nn.Module, path: Path, inputs: Tensor) -> ExportCheck:
+    """``ctrl.export_model(path)``, then run ``inputs`` through ONNX Runtime and PyTorch and compare.
+
+    Agreement: the largest absolute difference over all outputs, and the percentage of positions
+    where the argmax over dimension 1 (classes) is the same.
+    """
+    path = ctrl.export_model(path)
+    module.eval()
+    expected = _flat_outputs(module(inputs))
+    got = onnx_run(path, inputs)
+    if len(got) != len(expected):
+        raise SampleError(f"{path}: ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}")
+    diffs, agree = [], []
+    for ours, theirs in zip(expected, got):
+        if ours.shape != theirs.shape:
+            raise SampleError(f"{path}: ONNX output shape {theirs.shape}, PyTorch {ours.shape}")
+        diffs.append(float(np.abs(ours - theirs).max()) if ours.size else 0.0)
+        if ours.ndim >= 2 and ours.shape[1] > 1:
+            agree.append(float((ours.argmax(1) == theirs.argmax(1)).mean()) * 100)
+    return ExportCheck(path, tuple(tuple(a.shape) for a in got), max(diffs, default=0.0),
+                       agree[0] if agree else float("nan"))
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def metrics_table(rows: Mapping[str, Any], title: str = "results") -> str:
+    """A two-column text table of ``rows`` (floats with 4 significant digits)."""
+    cells = [(str(k), f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in rows.items()]
+    width = max([len(k) for k, _ in cells] + [6])
+    lines = [title, "-" * (width + 2 + max([len(v) for _, v in cells] + [5]))]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in cells]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What ``run_sample`` returns (on every rank; ``export`` only on rank 0)."""
+
+    metrics: Metrics
+    checkpoint: Path | None
+    export: ExportCheck | None
+    table: str
+
+
+def run_sample(args: argparse.Namespace, prepare: Prepare) -> RunResult:
+    """The whole sample: processes, config, model, then the mode's work; returns metrics and paths."""
+    info = setup_distributed()
+    try:
+        return _run(args, prepare, info)
+    finally:
+        cleanup_distributed(info)
+
+
+def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResult:
+    raw = read_config(args.config)
+    args = resolve(args, raw)
+    seed_everything(args.seed)
+    parts = prepare(args, raw)
+    if args.weights is not None:
+        load_weights(parts.model, args.weights)
+    config = sample_config(args.config, parts.input_shape)
+    train_loader = make_loader(parts.train_set, args.batch_size, True, info, args.workers, args.seed, parts.collate_fn)
+    val_loader = make_loader(parts.val_set, args.batch_size, False, info, args.workers, args.seed, parts.collate_fn)
+    saved = load_checkpoint(args.resume) if args.resume is not None else None
+    ctrl, module = build_compressed(parts.model, config, train_loader, parts.criterion, info,
+                                    saved["compression"] if saved else None)
+    if saved is not None:
+        module.load_state_dict(saved["model"])
+    out_dir = Path(args.output_dir)
+    rows: dict[str, Any] = {"mode": args.mode, "processes": info.world_size, **parts.summary}
+    checkpoint = None
+    if args.mode == "train":
+        checkpoint, metrics = _train(args, parts, raw, ctrl, module, train_loader, val_loader, info, saved, out_dir)
+    elif info.is_main:
+        metrics = evaluate(module, parts, val_loader, args.max_eval_batches) if args.mode == "test" else {}
+    else:
+        metrics = {}
+    rows |= metrics
+    check = None
+    if info.is_main and (args.mode == "export" or not args.no_export):
+        inputs = _first_inputs(val_loader)
+        check = export_and_check(ctrl, module, out_dir / f"{_stem(args)}.onnx", inputs)
+        rows |= check.rows()
+    barrier(info)
+    rows["compression stage"] = ctrl.compression_stage().name
+    table = metrics_table(rows, f"{parts.summary.get('model', 'model')} ({args.config.name})")
+    if info.is_main:
+        print(str(ctrl.statistics()))
+        print(table)
+    return RunResult(metrics, checkpoint, check, table)
+
+
+def _train(
+    args: argparse.Namespace, parts: SampleParts, raw: Mapping[str, Any], ctrl: pc.CompressionController,
+    module: nn.Module, train_loader: DataLoader, val_loader: DataLoader, info: DistInfo,
+    saved: Mapping[str, Any] | None, out_dir: Path,
+) -> tuple[Path | None, Metrics]:
+    """Fine-tune for ``args.epochs`` epochs (from the checkpoint's epoch + 1 when resuming),
+    checkpoint ``last.pt`` (and ``best.pt`` by the first metric) each epoch on rank 0."""
+    model: nn.Module = nn.parallel.DistributedDataParallel(module) if info.enabled else module
+    optimizer = make_optimizer(module.parameters(), raw, args.lr)
+    start = 0
+    if saved is not None:
+        if saved.get("optimizer"):
+            optimizer.load_state_dict(saved["optimizer"])
+        start = int(saved["epoch"]) + 1
+    metrics: Metrics = {}
+    best = -float("inf")
+    last = None
+    for epoch in range(start, args.epochs):
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        ctrl.scheduler.epoch_step()
+        began = time.perf_counter()
+        loss = train_one_epoch(model, ctrl, train_loader, optimizer, parts.criterion, epoch,
+                               args.max_steps_per_epoch, info.is_main)
+        metrics = {"train loss": loss, "epoch time s": time.perf_counter() - began}
+        if info.is_main:
+            metrics |= evaluate(module, parts, val_loader, args.max_eval_batches)
+            last = save_checkpoint(out_dir / "last.pt", module, ctrl, optimizer, epoch, metrics)
+            score = next(iter(v for k, v in metrics.items() if k not in ("train loss", "epoch time s")), -loss)
+            if score > best:
+                best = score
+                save_checkpoint(out_dir / "best.pt", module, ctrl, optimizer, epoch, metrics)
+            tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        barrier(info)
+    return last, metrics
+
+
+def _first_inputs(loader: DataLoader) -> Tensor:
+    inputs, _ = next(iter(loader))
+    if not isinstance(inputs, Tensor):
+        raise SampleError(f"export check needs a tensor input batch, got {type(inputs).__name__}")
+    return inputs
+
+
+def _stem(args: argparse.Namespace) -> str:
+    return Path(args.config).stem
