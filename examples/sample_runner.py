@@ -95,7 +95,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_config: Path | None
                         help="state_dict of the uncompressed model to start from (never downloaded)")
     parser.add_argument("--resume", type=Path, default=None,
                         help="a checkpoint written by this sample: resume training, or test / export it")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="checkpoints and ONNX; default: the config's 'log_dir', else runs/")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's 'seed', else 0")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each training epoch short")
@@ -112,6 +113,7 @@ def resolve(args: argparse.Namespace, config: Mapping[str, Any]) -> argparse.Nam
         "batch_size": config.get("batch_size", 8),
         "lr": optimizer.get("base_lr", 1e-3),
         "seed": config.get("seed", 0),
+        "output_dir": Path(config.get("log_dir", "runs")),
     }
     out = argparse.Namespace(**vars(args))
     for key, value in filled.items():
@@ -426,6 +428,7 @@ class RunResult:
     checkpoint: Path | None
     export: ExportCheck | None
     table: str
+    statistics: str
 
 
 def run_sample(args: argparse.Namespace, prepare: Prepare) -> RunResult:
@@ -444,6 +447,9 @@ def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResul
     parts = prepare(args, raw)
     if args.weights is not None:
         load_weights(parts.model, args.weights)
+    elif raw.get("pretrained") and args.resume is None and info.is_main:
+        tqdm.write(f"{args.config.name} sets 'pretrained': the samples never download weights; pass --weights PATH "
+                   "(starting from random initialization)")
     config = sample_config(args.config, parts.input_shape)
     train_loader = make_loader(parts.train_set, args.batch_size, True, info, args.workers, args.seed, parts.collate_fn)
     val_loader = make_loader(parts.val_set, args.batch_size, False, info, args.workers, args.seed, parts.collate_fn)
@@ -470,10 +476,11 @@ def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResul
     barrier(info)
     rows["compression stage"] = ctrl.compression_stage().name
     table = metrics_table(rows, f"{parts.summary.get('model', 'model')} ({args.config.name})")
+    statistics = str(ctrl.statistics())
     if info.is_main:
-        print(str(ctrl.statistics()))
+        print(statistics)
         print(table)
-    return RunResult(metrics, checkpoint, check, table)
+    return RunResult(metrics, checkpoint, check, table, statistics)
 
 
 def _train(

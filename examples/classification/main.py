@@ -95,13 +95,16 @@ def prepare(args: argparse.Namespace, config: Mapping[str, Any]) -> SampleParts:
     """Model, data and metric from the arguments (falling back on the config's ``model``, ``dataset``)."""
     arch = args.arch or config.get("model", DEFAULT_ARCH)
     size = args.input_size or default_input_size(arch)
-    dataset = args.dataset or config.get("dataset", "digits")
-    dataset = "imagefolder" if dataset == "imagenet" else dataset
+    configured = config.get("dataset", "digits")
+    configured = "imagefolder" if configured == "imagenet" else configured
+    dataset = args.dataset or configured
     if dataset not in DATASETS:
         raise SampleError(f"dataset {dataset!r} (from --dataset or the config); expected one of {DATASETS} or imagenet")
     train, val, classes = load_classification_data(dataset, args.data, size)
-    if "num_classes" in config and int(config["num_classes"]) != classes:
-        raise SampleError(f"the config's num_classes is {config['num_classes']}, the {dataset} data have {classes}")
+    # the config's num_classes describes the config's data set; --dataset replacing it brings its own classes
+    if dataset == configured and "num_classes" in config and int(config["num_classes"]) != classes:
+        raise SampleError(f"the config's num_classes is {config['num_classes']}, the {dataset} data at "
+                          f"{args.data} have {classes} classes")
     model = build_model(arch, classes, size)
     summary = {"model": arch, "dataset": dataset, "input": f"3x{size}x{size}", "classes": classes,
                "train / val samples": f"{len(train)} / {len(val)}"}

@@ -36,8 +36,8 @@ def camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     for folder in (images_dir, annots_dir):
         if not folder.is_dir():
             raise CamVidLayoutError(
-                f"{folder} is not a directory; the CamVid layout is {root}/<split>/*.png with the label maps in "
-                f"{root}/<split>annot/*.png for <split> in {SPLITS}"
+                f"{folder} is not a directory; the CamVid layout needs {images_dir}/ (images) and {annots_dir}/ "
+                f"(label maps of the same file names), likewise for each split of {SPLITS}"
             )
     images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     annots = {p.stem: p for p in sorted(annots_dir.iterdir()) if p.suffix.lower() == ".png"}
