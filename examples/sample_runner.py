@@ -355,10 +355,12 @@ class ExportCheck:
     output_shapes: tuple[tuple[int, ...], ...]
     max_abs_diff: float
     argmax_agreement: float
+    max_abs_output: float
 
     def rows(self) -> dict[str, Any]:
         return {"onnx": str(self.path), "onnx output shapes": self.output_shapes,
-                "onnx max |diff|": self.max_abs_diff, "onnx argmax agreement %": self.argmax_agreement}
+                "onnx max |diff| / max |output|": f"{self.max_abs_diff:.3g} / {self.max_abs_output:.3g}",
+                "onnx argmax agreement %": self.argmax_agreement}
 
 
 def _flat_outputs(outputs: Any) -> list[np.ndarray]:
@@ -385,8 +387,9 @@ def onnx_run(path: Path, inputs: Tensor) -> list[np.ndarray]:
 def export_and_check(ctrl: pc.CompressionController, module: nn.Module, path: Path, inputs: Tensor) -> ExportCheck:
     """``ctrl.export_model(path)``, then run ``inputs`` through ONNX Runtime and PyTorch and compare.
 
-    Agreement: the largest absolute difference over all outputs, and the percentage of positions
-    where the argmax over dimension 1 (classes) is the same.
+    Agreement: the largest absolute difference over all outputs (next to the largest absolute
+    PyTorch output, for scale), and the percentage of positions where the argmax over
+    dimension 1 (classes) is the same.
     """
     path = ctrl.export_model(path)
     module.eval()
@@ -401,8 +404,9 @@ def export_and_check(ctrl: pc.CompressionController, module: nn.Module, path: Pa
         diffs.append(float(np.abs(ours - theirs).max()) if ours.size else 0.0)
         if ours.ndim >= 2 and ours.shape[1] > 1:
             agree.append(float((ours.argmax(1) == theirs.argmax(1)).mean()) * 100)
+    scale = max((float(np.abs(a).max()) for a in expected if a.size), default=0.0)
     return ExportCheck(path, tuple(tuple(a.shape) for a in got), max(diffs, default=0.0),
-                       agree[0] if agree else float("nan"))
+                       agree[0] if agree else float("nan"), scale)
 
 
 # ---------------------------------------------------------------------------------- report

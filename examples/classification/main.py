@@ -33,7 +33,7 @@ DEFAULT_CONFIG = EXAMPLES / "configs" / "resnet18_int8.json"
 DEFAULT_ARCH = "resnet18"
 EFFICIENTNET_SIZES = {"b0": 224, "b1": 240, "b2": 288, "b3": 300, "b4": 380, "b5": 456, "b6": 528, "b7": 600}
 MIN_INPUT = {"inception_v3": 75}
-AUX_MIN_INPUT = 128  # below this Inception's auxiliary head pools a map smaller than its 5x5 window
+AUX_MIN_INPUT = 299  # below 299 px the auxiliary head pools a map (17x17 at 299) smaller than its 5x5 conv
 AUX_WEIGHT = 0.4  # torchvision's reference recipe for Inception v3's auxiliary logits
 
 
@@ -49,7 +49,8 @@ def default_input_size(arch: str) -> int:
 def build_model(arch: str, num_classes: int, input_size: int) -> nn.Module:
     """``torchvision.models.get_model(arch, weights=None, num_classes=...)`` (never downloads).
 
-    Inception v3 keeps its auxiliary classifier when the input is large enough to feed it.
+    Inception v3 keeps its auxiliary classifier at 299 px and above (below, the head's 5x5 conv
+    does not fit the map it pools); GoogLeNet keeps its two.
     """
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
@@ -58,8 +59,10 @@ def build_model(arch: str, num_classes: int, input_size: int) -> nn.Module:
     if input_size < MIN_INPUT.get(arch, 16):
         raise SampleError(f"--input-size {input_size} is too small for {arch}; expected >= {MIN_INPUT.get(arch, 16)}")
     kwargs: dict[str, Any] = {}
-    if arch in ("inception_v3", "googlenet"):
+    if arch == "inception_v3":
         kwargs = {"aux_logits": input_size >= AUX_MIN_INPUT, "init_weights": True}
+    elif arch == "googlenet":  # its auxiliary heads pool adaptively: any input size feeds them
+        kwargs = {"aux_logits": True, "init_weights": True}
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
 
 
