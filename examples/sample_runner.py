@@ -444,7 +444,27 @@ def run_sample(args: argparse.Namespace, prepare: Prepare) -> RunResult:
         cleanup_distributed(info)
 
 
-def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResult:
+@dataclasses.dataclass
+class Session:
+    """Everything a run works on once the model is compressed."""
+
+    args: argparse.Namespace
+    raw: dict[str, Any]
+    parts: SampleParts
+    ctrl: pc.CompressionController
+    module: pc.api.CompressedModule
+    train_loader: DataLoader
+    val_loader: DataLoader
+    saved: dict[str, Any] | None
+    info: DistInfo
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+
+def _setup(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> Session:
+    """Config, task parts, ``--weights``, loaders and the compressed model (restored with ``--resume``)."""
     raw = read_config(args.config)
     args = resolve(args, raw)
     seed_everything(args.seed)
@@ -462,66 +482,90 @@ def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResul
                                     saved["compression"] if saved else None)
     if saved is not None:
         module.load_state_dict(saved["model"])
-    out_dir = Path(args.output_dir)
-    rows: dict[str, Any] = {"mode": args.mode, "processes": info.world_size, **parts.summary}
-    checkpoint = None
+    return Session(args, raw, parts, ctrl, module, train_loader, val_loader, saved, info)
+
+
+def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResult:
+    session = _setup(args, prepare, info)
+    args = session.args
+    checkpoint, metrics = None, {}
     if args.mode == "train":
-        checkpoint, metrics = _train(args, parts, raw, ctrl, module, train_loader, val_loader, info, saved, out_dir)
-    elif info.is_main:
-        metrics = evaluate(module, parts, val_loader, args.max_eval_batches) if args.mode == "test" else {}
-    else:
-        metrics = {}
-    rows |= metrics
+        checkpoint, metrics = _train(session)
+    elif args.mode == "test" and info.is_main:
+        metrics = evaluate(session.module, session.parts, session.val_loader, args.max_eval_batches)
     check = None
     if info.is_main and (args.mode == "export" or not args.no_export):
-        inputs = _first_inputs(val_loader)
-        check = export_and_check(ctrl, module, out_dir / f"{_stem(args)}.onnx", inputs)
-        rows |= check.rows()
+        check = export_and_check(session.ctrl, session.module, session.out_dir / f"{_stem(args)}.onnx",
+                                 _first_inputs(session.val_loader))
     barrier(info)
-    rows["compression stage"] = ctrl.compression_stage().name
-    table = metrics_table(rows, f"{parts.summary.get('model', 'model')} ({args.config.name})")
-    statistics = str(ctrl.statistics())
+    return _report(session, metrics, checkpoint, check)
+
+
+def _report(session: Session, metrics: Metrics, checkpoint: Path | None, check: ExportCheck | None) -> RunResult:
+    """Print the compression statistics and the run's table (rank 0); the result on every rank."""
+    args, info = session.args, session.info
+    rows: dict[str, Any] = {"mode": args.mode, "processes": info.world_size, **session.parts.summary, **metrics}
+    if check is not None:
+        rows |= check.rows()
+    rows["compression stage"] = session.ctrl.compression_stage().name
+    table = metrics_table(rows, f"{session.parts.summary.get('model', 'model')} ({args.config.name})")
+    statistics = str(session.ctrl.statistics())
     if info.is_main:
         print(statistics)
         print(table)
     return RunResult(metrics, checkpoint, check, table, statistics)
 
 
-def _train(
-    args: argparse.Namespace, parts: SampleParts, raw: Mapping[str, Any], ctrl: pc.CompressionController,
-    module: nn.Module, train_loader: DataLoader, val_loader: DataLoader, info: DistInfo,
-    saved: Mapping[str, Any] | None, out_dir: Path,
-) -> tuple[Path | None, Metrics]:
-    """Fine-tune for ``args.epochs`` epochs (from the checkpoint's epoch + 1 when resuming),
-    checkpoint ``last.pt`` (and ``best.pt`` by the first metric) each epoch on rank 0."""
-    model: nn.Module = nn.parallel.DistributedDataParallel(module) if info.enabled else module
-    optimizer = make_optimizer(module.parameters(), raw, args.lr)
-    start = 0
-    if saved is not None:
-        if saved.get("optimizer"):
-            optimizer.load_state_dict(saved["optimizer"])
-        start = int(saved["epoch"]) + 1
+def _train(session: Session) -> tuple[Path | None, Metrics]:
+    """Fine-tune for ``args.epochs`` epochs (from the checkpoint's epoch + 1 when resuming);
+    rank 0 evaluates and checkpoints after each epoch."""
+    args, info = session.args, session.info
+    model: nn.Module = nn.parallel.DistributedDataParallel(session.module) if info.enabled else session.module
+    optimizer = make_optimizer(session.module.parameters(), session.raw, args.lr)
+    start = _restore_optimizer(optimizer, session.saved)
     metrics: Metrics = {}
-    best = -float("inf")
-    last = None
+    best, last = -float("inf"), None
     for epoch in range(start, args.epochs):
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        ctrl.scheduler.epoch_step()
-        began = time.perf_counter()
-        loss = train_one_epoch(model, ctrl, train_loader, optimizer, parts.criterion, epoch,
-                               args.max_steps_per_epoch, info.is_main)
-        metrics = {"train loss": loss, "epoch time s": time.perf_counter() - began}
+        metrics = _train_epoch(session, model, optimizer, epoch)
         if info.is_main:
-            metrics |= evaluate(module, parts, val_loader, args.max_eval_batches)
-            last = save_checkpoint(out_dir / "last.pt", module, ctrl, optimizer, epoch, metrics)
-            score = next(iter(v for k, v in metrics.items() if k not in ("train loss", "epoch time s")), -loss)
-            if score > best:
-                best = score
-                save_checkpoint(out_dir / "best.pt", module, ctrl, optimizer, epoch, metrics)
+            scores = evaluate(session.module, session.parts, session.val_loader, args.max_eval_batches)
+            metrics |= scores
+            last, best = _save_epoch(session, optimizer, epoch, metrics, next(iter(scores.values()), 0.0), best)
             tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         barrier(info)
     return last, metrics
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any] | None) -> int:
+    """Load the checkpoint's optimizer state; the epoch to start from (0 without a checkpoint)."""
+    if saved is None:
+        return 0
+    if saved.get("optimizer"):
+        optimizer.load_state_dict(saved["optimizer"])
+    return int(saved["epoch"]) + 1
+
+
+def _train_epoch(session: Session, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> Metrics:
+    """``scheduler.epoch_step()`` then one epoch of training; the mean loss and the time taken."""
+    loader = session.train_loader
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    session.ctrl.scheduler.epoch_step()
+    began = time.perf_counter()
+    loss = train_one_epoch(model, session.ctrl, loader, optimizer, session.parts.criterion, epoch,
+                           session.args.max_steps_per_epoch, session.info.is_main)
+    return {"train loss": loss, "epoch time s": time.perf_counter() - began}
+
+
+def _save_epoch(
+    session: Session, optimizer: torch.optim.Optimizer, epoch: int, metrics: Metrics, score: float, best: float,
+) -> tuple[Path, float]:
+    """Write ``last.pt``, and ``best.pt`` when ``score`` (the task's first metric) beats ``best``."""
+    last = save_checkpoint(session.out_dir / "last.pt", session.module, session.ctrl, optimizer, epoch, metrics)
+    if score > best:
+        save_checkpoint(session.out_dir / "best.pt", session.module, session.ctrl, optimizer, epoch, metrics)
+        best = score
+    return last, best
 
 
 def _first_inputs(loader: DataLoader) -> Tensor:
