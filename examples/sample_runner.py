@@ -63,6 +63,7 @@ class SampleParts:
     """What a task gives the runner.
 
     ``input_shape`` is one sample's shape (C, H, W), written into the config's ``input_info``.
+    ``agreement`` = (output index, class dimension): the ONNX check compares the argmax there.
     ``criterion(outputs, targets)`` is the task loss; ``evaluate(model, batches)`` returns
     metrics (the first is the one the checkpoint ``best.pt`` is chosen by, higher is better).
     """
@@ -75,6 +76,7 @@ class SampleParts:
     input_shape: Sequence[int]
     collate_fn: Callable[[list[Any]], Any] | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    agreement: tuple[int, int] = (0, 1)
 
 
 Prepare = Callable[[argparse.Namespace, Mapping[str, Any]], SampleParts]
@@ -384,12 +386,14 @@ def onnx_run(path: Path, inputs: Tensor) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def export_and_check(ctrl: pc.CompressionController, module: nn.Module, path: Path, inputs: Tensor) -> ExportCheck:
+def export_and_check(
+    ctrl: pc.CompressionController, module: nn.Module, path: Path, inputs: Tensor, agreement: tuple[int, int] = (0, 1),
+) -> ExportCheck:
     """``ctrl.export_model(path)``, then run ``inputs`` through ONNX Runtime and PyTorch and compare.
 
     Agreement: the largest absolute difference over all outputs (next to the largest absolute
-    PyTorch output, for scale), and the percentage of positions where the argmax over
-    dimension 1 (classes) is the same.
+    PyTorch output, for scale), and the percentage of positions where the argmax over the class
+    dimension is the same, for output ``agreement[0]`` with classes on dimension ``agreement[1]``.
     """
     path = ctrl.export_model(path)
     module.eval()
@@ -397,16 +401,16 @@ def export_and_check(ctrl: pc.CompressionController, module: nn.Module, path: Pa
     got = onnx_run(path, inputs)
     if len(got) != len(expected):
         raise SampleError(f"{path}: ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}")
-    diffs, agree = [], []
+    diffs = []
     for ours, theirs in zip(expected, got):
         if ours.shape != theirs.shape:
             raise SampleError(f"{path}: ONNX output shape {theirs.shape}, PyTorch {ours.shape}")
         diffs.append(float(np.abs(ours - theirs).max()) if ours.size else 0.0)
-        if ours.ndim >= 2 and ours.shape[1] > 1:
-            agree.append(float((ours.argmax(1) == theirs.argmax(1)).mean()) * 100)
+    index, dim = agreement
+    ours, theirs = expected[index], got[index]
+    agree = float((ours.argmax(dim) == theirs.argmax(dim)).mean()) * 100 if ours.size else float("nan")
     scale = max((float(np.abs(a).max()) for a in expected if a.size), default=0.0)
-    return ExportCheck(path, tuple(tuple(a.shape) for a in got), max(diffs, default=0.0),
-                       agree[0] if agree else float("nan"), scale)
+    return ExportCheck(path, tuple(tuple(a.shape) for a in got), max(diffs, default=0.0), agree, scale)
 
 
 # ---------------------------------------------------------------------------------- report
@@ -496,7 +500,7 @@ def _run(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> RunResul
     check = None
     if info.is_main and (args.mode == "export" or not args.no_export):
         check = export_and_check(session.ctrl, session.module, session.out_dir / f"{_stem(args)}.onnx",
-                                 _first_inputs(session.val_loader))
+                                 _first_inputs(session.val_loader), session.parts.agreement)
     barrier(info)
     return _report(session, metrics, checkpoint, check)
 
