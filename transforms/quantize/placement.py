@@ -29,6 +29,7 @@ QUANTIZABLE_OPS = WEIGHTED_OPS | NORM_OPS | frozenset(
     {"add", "mul", "cat", "avg_pool1d", "avg_pool2d", "avg_pool3d",
      "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean"}
 )
+ELEMENTWISE_OPS = frozenset({"add", "mul"})  # quantized only between two activations
 AGNOSTIC_OPS = frozenset(
     {"reshape", "view", "flatten", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze",
      "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
@@ -79,8 +80,24 @@ def _weight_position(node: OpNode) -> int | None:
     return None
 
 
+def _from_constant(graph: ModelGraph, ref: TensorRef) -> bool:
+    """Whether ``ref`` is a parameter or constant seen through shape-only ops (``weight.view(1, -1, 1, 1)``)."""
+    while ref.kind == "node":
+        producer = graph.producer(ref)
+        if producer is None or producer.op not in AGNOSTIC_OPS or not producer.inputs:
+            return False
+        ref = producer.inputs[0]
+    return ref.kind in ("param", "const")
+
+
 def activation_positions(graph: ModelGraph, node: OpNode) -> list[int]:
-    """Positions of the activation (non-parameter, floating) inputs of ``node`` to quantize."""
+    """Positions of the activation (non-parameter, floating) inputs of ``node`` to quantize.
+
+    An elementwise ``add`` / ``mul`` is quantized only when it joins two activations (a
+    residual add, an attention-style product): with a scalar or a parameter on the other side
+    (``x + eps``, ``x * scale``) no integer kernel needs its input quantized, and quantizing it
+    only adds error (inside a normalization, ``sum(x^2) + eps`` then a division, a lot).
+    """
     if node.op not in QUANTIZABLE_OPS:
         return []
     if node.op in NORM_OPS:
@@ -92,12 +109,16 @@ def activation_positions(graph: ModelGraph, node: OpNode) -> list[int]:
         candidates = [0]
     else:
         candidates = list(range(len(node.inputs)))
-    return [
+    positions = [
         k for k in candidates
         if k < len(node.inputs)
         and node.inputs[k].kind in ("node", "input")
         and node.input_info[k].is_float
+        and not _from_constant(graph, node.inputs[k])
     ]
+    if node.op in ELEMENTWISE_OPS and len(positions) < 2:
+        return []
+    return positions
 
 
 def source_of(graph: ModelGraph, ref: TensorRef) -> TensorRef:
