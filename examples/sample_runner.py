@@ -77,6 +77,7 @@ class SampleParts:
     collate_fn: Callable[[list[Any]], Any] | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     agreement: tuple[int, int] = (0, 1)
+    drop_last: bool = False  # training drops an incomplete last batch (e.g. BatchNorm on 1x1 maps needs 2 samples)
 
 
 Prepare = Callable[[argparse.Namespace, Mapping[str, Any]], SampleParts]
@@ -168,14 +169,15 @@ def seed_everything(seed: int) -> None:
 
 def make_loader(
     dataset: Dataset, batch_size: int, train: bool, info: DistInfo, workers: int, seed: int,
-    collate_fn: Callable | None = None,
+    collate_fn: Callable | None = None, drop_last: bool = False,
 ) -> DataLoader:
-    """Shuffled (and sharded across ranks) for training; in order, whole, for evaluation."""
+    """Shuffled (and sharded across ranks) for training; in order, whole, for evaluation.
+    ``drop_last`` drops an incomplete last training batch (evaluation always keeps it)."""
     sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=seed) if (
         train and info.enabled) else None
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=collate_fn, generator=generator, drop_last=False)
+                      num_workers=workers, collate_fn=collate_fn, generator=generator, drop_last=train and drop_last)
 
 
 def limited(batches: Iterable[Any], limit: int | None, desc: str, disable: bool = False) -> Iterator[Any]:
@@ -479,7 +481,8 @@ def _setup(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> Sessio
         tqdm.write(f"{args.config.name} sets 'pretrained': the samples never download weights; pass --weights PATH "
                    "(starting from random initialization)")
     config = sample_config(args.config, parts.input_shape)
-    train_loader = make_loader(parts.train_set, args.batch_size, True, info, args.workers, args.seed, parts.collate_fn)
+    train_loader = make_loader(parts.train_set, args.batch_size, True, info, args.workers, args.seed, parts.collate_fn,
+                               parts.drop_last)
     val_loader = make_loader(parts.val_set, args.batch_size, False, info, args.workers, args.seed, parts.collate_fn)
     saved = load_checkpoint(args.resume) if args.resume is not None else None
     ctrl, module = build_compressed(parts.model, config, train_loader, parts.criterion, info,
