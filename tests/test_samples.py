@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -120,21 +121,30 @@ def test_tinydata_command_line_writes_the_cifar100_layout(tmp_path):
 # ---------------------------------------------------------------------------------- classification
 
 
-@pytest.mark.parametrize("dataset,classes", [("digits", 10), ("cifar100", 100)])  # cifar10: the torchrun test
-def test_classification_trains_an_epoch_on_each_format(data, tmp_path, dataset, classes):
-    extra = ["--dataset", dataset] + ([] if dataset == "digits" else ["--data", str(data[dataset])])
-    result = classify(data, tmp_path, *extra, "--no-export")
+def test_classification_default_data_is_digits(data, tmp_path):
+    result = classify(data, tmp_path, "--no-export")  # no --dataset: the config names none, so digits
     assert 0 <= result.metrics["top1 %"] <= 100 and np.isfinite(result.metrics["train loss"])
-    saved = torch.load(result.checkpoint, weights_only=True)
-    assert saved["model"]["model.fc.weight"].shape[0] == classes, "the class count comes from the data"
-    assert re.search(rf"^classes\s+{classes}$", result.table, re.M), result.table
+    assert re.search(r"^dataset\s+digits$", result.table, re.M) and re.search(r"^classes\s+10$", result.table, re.M)
+    assert re.search(r"^train / val samples\s+1437 / 360$", result.table, re.M)
 
 
-def test_classification_imagefolder_train_then_test_and_export_from_the_checkpoint(data, tmp_path):
-    args = ["--dataset", "imagefolder", "--data", str(data["imagefolder"])]
+def test_classification_imagefolder_trains_an_epoch_and_exports(data, tmp_path):
+    result = classify(data, tmp_path, "--dataset", "imagefolder", "--data", str(data["imagefolder"]))
+    assert re.search(r"^classes\s+10$", result.table, re.M), "one class per folder"
+    check = result.export
+    assert check.path == tmp_path / "resnet18_int8.onnx" and check.path.is_file()
+    assert check.output_shapes == ((4, 10),), "ONNX Runtime ran the first evaluation batch of 4 images"
+    assert check.max_abs_diff < 0.1 and check.argmax_agreement >= 75
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(check.path).graph.node}
+
+
+def test_classification_cifar100_train_then_test_and_export_from_the_checkpoint(data, tmp_path):
+    args = ["--dataset", "cifar100", "--data", str(data["cifar100"])]
     trained = classify(data, tmp_path / "train", *args, "--no-export")
     assert trained.checkpoint == tmp_path / "train" / "last.pt" and (tmp_path / "train" / "best.pt").is_file()
     assert trained.export is None and not list((tmp_path / "train").glob("*.onnx"))
+    saved = torch.load(trained.checkpoint, weights_only=True)
+    assert saved["model"]["model.fc.weight"].shape[0] == 100, "the class count comes from the data"
 
     tested = classify(data, tmp_path / "test", *args, "--mode", "test", "--resume", str(trained.checkpoint),
                       "--no-export")
@@ -142,10 +152,8 @@ def test_classification_imagefolder_train_then_test_and_export_from_the_checkpoi
 
     exported = classify(data, tmp_path / "export", *args, "--mode", "export", "--resume", str(trained.checkpoint))
     check = exported.export
-    assert check.path == tmp_path / "export" / "resnet18_int8.json".replace(".json", ".onnx") and check.path.is_file()
-    assert check.output_shapes == ((4, 10),), "ONNX Runtime ran the first evaluation batch of 4 images"
-    assert check.max_abs_diff < 0.1 and check.argmax_agreement >= 75
-    assert "QuantizeLinear" in {node.op_type for node in __import__("onnx").load(check.path).graph.node}
+    assert check.path == tmp_path / "export" / "resnet18_int8.onnx" and check.path.is_file()
+    assert check.output_shapes == ((4, 100),) and check.max_abs_diff < 0.1 and check.argmax_agreement >= 75
 
 
 def test_classification_weights_mismatch_and_wrong_files_raise_clear_errors(data, tmp_path):
