@@ -441,6 +441,14 @@ class RunResult:
     statistics: str
 
 
+def command_line(main: Callable[[], Any]) -> None:
+    """Run a sample's ``main()`` from the shell: its input errors end the process with their message."""
+    try:
+        main()
+    except (SampleError, FileNotFoundError, pc.errors.PurecompError) as exc:
+        raise SystemExit(f"error: {type(exc).__name__}: {exc}") from exc
+
+
 def run_sample(args: argparse.Namespace, prepare: Prepare) -> RunResult:
     """The whole sample: processes, config, model, then the mode's work; returns metrics and paths."""
     info = setup_distributed()

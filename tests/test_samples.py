@@ -167,6 +167,19 @@ def test_classification_weights_mismatch_and_wrong_files_raise_clear_errors(data
         classify(data, tmp_path, "--arch", "resnet7")
 
 
+def test_inception_keeps_its_auxiliary_head_only_where_it_fits_and_the_loss_weighs_it():
+    assert classification.aux_kwargs("inception_v3", 299)["aux_logits"]
+    assert not classification.aux_kwargs("inception_v3", 298)["aux_logits"], "the 5x5 aux conv needs 299 px"
+    assert classification.aux_kwargs("resnet18", 299) == {}
+    with pytest.raises(SampleError, match="too small for inception_v3; expected >= 75"):
+        classification.build_model("inception_v3", 10, 64)
+    from torchvision.models.inception import InceptionOutputs
+
+    logits, aux, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    expected = torch.nn.functional.cross_entropy(logits, y) + 0.4 * torch.nn.functional.cross_entropy(aux, y)
+    assert torch.allclose(classification.classification_loss(InceptionOutputs(logits, aux), y), expected)
+
+
 # ---------------------------------------------------------------------------------- segmentation
 
 
@@ -199,6 +212,8 @@ def sparsity_level(statistics: str) -> float:
 def test_segmentation_names_the_camvid_layout_when_data_is_missing(tmp_path):
     with pytest.raises(CamVidLayoutError, match=r"train is not a directory; the CamVid layout needs .*/train/ \(images\) and .*/trainannot/"):
         segmentation.main(["--data", str(tmp_path), "--output-dir", str(tmp_path)])
+    with pytest.raises(SampleError, match="--data DIR is required"):
+        segmentation.main(["--output-dir", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------- torchrun

@@ -27,7 +27,14 @@ from torch import Tensor, nn  # noqa: E402
 
 # isort: split
 from classification.data import DATASETS, load_classification_data  # noqa: E402
-from sample_runner import RunResult, SampleError, SampleParts, add_common_args, run_sample  # noqa: E402
+from sample_runner import (  # noqa: E402
+    RunResult,
+    SampleError,
+    SampleParts,
+    add_common_args,
+    command_line,
+    run_sample,
+)
 
 DEFAULT_CONFIG = EXAMPLES / "configs" / "resnet18_int8.json"
 DEFAULT_ARCH = "resnet18"
@@ -58,12 +65,16 @@ def build_model(arch: str, num_classes: int, input_size: int) -> nn.Module:
                           f"resnet18, mobilenet_v2, inception_v3, efficientnet_b0 ({len(known)} in all)")
     if input_size < MIN_INPUT.get(arch, 16):
         raise SampleError(f"--input-size {input_size} is too small for {arch}; expected >= {MIN_INPUT.get(arch, 16)}")
-    kwargs: dict[str, Any] = {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **aux_kwargs(arch, input_size))
+
+
+def aux_kwargs(arch: str, input_size: int) -> dict[str, Any]:
+    """``get_model`` keywords of the architectures with auxiliary classifiers (else none)."""
     if arch == "inception_v3":
-        kwargs = {"aux_logits": input_size >= AUX_MIN_INPUT, "init_weights": True}
-    elif arch == "googlenet":  # its auxiliary heads pool adaptively: any input size feeds them
-        kwargs = {"aux_logits": True, "init_weights": True}
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        return {"aux_logits": input_size >= AUX_MIN_INPUT, "init_weights": True}
+    if arch == "googlenet":  # its auxiliary heads pool adaptively: any input size feeds them
+        return {"aux_logits": True, "init_weights": True}
+    return {}
 
 
 def classification_loss(outputs: Any, targets: Tensor) -> Tensor:
@@ -129,4 +140,4 @@ def main(argv: list[str] | None = None) -> RunResult:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -26,7 +26,14 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 # isort: split
-from sample_runner import RunResult, SampleError, SampleParts, add_common_args, run_sample  # noqa: E402
+from sample_runner import (  # noqa: E402
+    RunResult,
+    SampleError,
+    SampleParts,
+    add_common_args,
+    command_line,
+    run_sample,
+)
 from semantic_segmentation.data import CAMVID_CLASSES, SPLITS, VOID, CamVid, enet_class_weights  # noqa: E402
 from semantic_segmentation.metrics import confusion_matrix, mean_iou, pixel_accuracy  # noqa: E402
 from semantic_segmentation.models import AUX_WEIGHT, MODELS, build_segmentation_model  # noqa: E402
@@ -116,4 +123,4 @@ def main(argv: list[str] | None = None) -> RunResult:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)
