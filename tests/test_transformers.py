@@ -7,21 +7,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 import purecomp as pc  # noqa: E402
 from purecomp import export  # noqa: E402
 from purecomp.errors import CalibrationError, ConfigError  # noqa: E402
 from purecomp.integrations import transformers as pct  # noqa: E402
 from purecomp.transforms.quantize.placement import source_of  # noqa: E402
-
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
 
@@ -273,6 +272,7 @@ def _bench():
     path = Path(__file__).parent.parent / "bench" / "minilm_fidelity.py"
     spec = importlib.util.spec_from_file_location("minilm_fidelity", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
