@@ -30,7 +30,7 @@ import purecomp as pc
 from purecomp.transforms.mixed_precision import CostModel, autoq_precision, hawq_precision
 from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
 
-from common import accuracy, loader, train_baseline
+from common import Baseline, accuracy, loader, train_baseline
 
 WEIGHTS = dict(mode="symmetric", per_channel=True)
 ACTIVATIONS = dict(mode="asymmetric")
@@ -54,6 +54,23 @@ def ratios(graph: pc.ModelGraph, params: dict, plan: dict[str, int] | None) -> t
     return size, cost.reference() / complexity
 
 
+def autoq_plan(base: Baseline, ratio: float = 0.15, bits=(2, 4, 8), episodes: int = 200, warmup: int = 20,
+               eval_subset: float = 1.0, seed: int = 0):
+    """AutoQ on the FP32 model: each policy scored by the top-1 accuracy of the quantized model on the
+    last 20% of the training images, the best plan with weights at most ``ratio`` of their FP32
+    size; the report."""
+    x, y = base.train_set.tensors
+    held = len(y) // 5
+    search_data = loader(TensorDataset(x[-held:], y[-held:]), 256, False)
+    params = dict(base.model.named_parameters()) | {k: v.clone() for k, v in base.model.named_buffers()}
+    graph = pc.trace(base.model, (x[:2],))
+    base.train.generator.manual_seed(seed)
+    return autoq_precision(graph, params, base.train, accuracy, search_data, weights=WEIGHTS,
+                           activations=ACTIVATIONS, range_init=RANGE, bits=list(bits),
+                           compression_ratio=ratio, iter_number=episodes,
+                           warmup_iter_number=warmup, eval_subset_ratio=eval_subset, seed=seed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
@@ -73,16 +90,10 @@ def main() -> None:
     base = train_baseline(args.dataset, args.epochs, args.seed)
     x, y = base.train_set.tensors
     held = len(y) // 5
-    search_data = loader(TensorDataset(x[-held:], y[-held:]), 256, False)
-
     params = dict(base.model.named_parameters()) | {k: v.clone() for k, v in base.model.named_buffers()}
     graph = pc.trace(base.model, (x[:2],))
     t0 = time.perf_counter()
-    base.train.generator.manual_seed(args.seed)
-    report = autoq_precision(graph, params, base.train, accuracy, search_data, weights=WEIGHTS,
-                             activations=ACTIVATIONS, range_init=RANGE, bits=args.bits,
-                             compression_ratio=args.ratio, iter_number=args.episodes,
-                             warmup_iter_number=args.warmup, eval_subset_ratio=args.eval_subset, seed=args.seed)
+    report = autoq_plan(base, args.ratio, args.bits, args.episodes, args.warmup, args.eval_subset, args.seed)
     autoq_time = time.perf_counter() - t0
     if args.plot:
         report.plot(args.plot, title=f"AutoQ on the digits CNN ({args.dataset})")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import purecomp as pc
 from purecomp import export
 
-from common import accuracy, onnx_accuracy, train_baseline
+from common import Baseline, accuracy, onnx_accuracy, train_baseline
 
 IGNORED = {
     "digits_cnn": ["0"],
@@ -71,6 +71,30 @@ def staged_finetune(model, teacher, method, schedule, train, epochs, use_kd):
     return graph, params, state
 
 
+def staged_schedule(epochs: int) -> pc.StagedSchedule:
+    """The staged recipe scaled to ``epochs`` E: binary activations from 0, weights from E/4, lr
+    dropped polynomially to zero from E/2, weight decay off from E/2."""
+    e = epochs
+    return pc.StagedSchedule(
+        activations_quant_start_epoch=0, weights_quant_start_epoch=e // 4, lr_poly_drop_start_epoch=e // 2,
+        lr_poly_drop_duration_epochs=e - e // 2, disable_wd_start_epoch=e // 2,
+    )
+
+
+def binarize(
+    baseline: Baseline, mode: str, epochs: int, use_kd: bool = True, arch: str = "digits_cnn", seed: int = 0
+) -> tuple[nn.Module, pc.Compression, pc.ModelGraph, dict, object]:
+    """Binarize a copy of ``baseline.model`` (``mode`` xnor|dorefa, ``IGNORED[arch]`` kept float)
+    with the staged fine-tuning, the FP32 model as teacher when ``use_kd``:
+    ``(model, method, graph, params, state)``."""
+    schedule = staged_schedule(epochs)
+    torch.manual_seed(seed)
+    model = copy.deepcopy(baseline.model)
+    method = pc.binarization(mode, schedule=schedule, ignored_scopes=IGNORED[arch])
+    graph, params, state = staged_finetune(model, baseline.model.eval(), method, schedule, baseline.train, epochs, use_kd)
+    return model, method, graph, params, state
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
@@ -83,20 +107,12 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     baseline = train_baseline(args.dataset, args.epochs, args.seed, args.arch)
-    teacher = baseline.model.eval()
     e = args.finetune_epochs
-    schedule = pc.StagedSchedule(
-        activations_quant_start_epoch=0, weights_quant_start_epoch=e // 4, lr_poly_drop_start_epoch=e // 2,
-        lr_poly_drop_duration_epochs=e - e // 2, disable_wd_start_epoch=e // 2,
-    )
     example = baseline.train_set.tensors[0][:2]
     out_dir = Path(tempfile.mkdtemp(prefix="purecomp-binarization-"))
     rows = []
     for mode in args.modes:
-        torch.manual_seed(args.seed)
-        model = copy.deepcopy(baseline.model)
-        method = pc.binarization(mode, schedule=schedule, ignored_scopes=IGNORED[args.arch])
-        graph, params, state = staged_finetune(model, teacher, method, schedule, baseline.train, e, args.kd)
+        model, method, graph, params, state = binarize(baseline, mode, e, args.kd, args.arch, args.seed)
         acc = accuracy(lambda x, m=method, p=params, s=state, mod=model: pc.apply(mod, m, p, s, x), baseline.test)
         path = export.to_onnx(model, method, params, state, (example,), out_dir / f"{args.arch}_{mode}.onnx")
         rows.append((mode, acc, onnx_accuracy(path, baseline.test), path.stat().st_size / 1024))

@@ -16,17 +16,61 @@ import time
 from pathlib import Path
 
 from sparsity_digits import finetune
+from torch import nn
 
 import purecomp as pc
 from purecomp import export
 
 from common import (
+    Baseline,
     accuracy,
     onnx_accuracy,
     onnx_latencies,
     train_baseline,
     train_epochs,
 )
+
+
+def int8_method() -> pc.Compression:
+    """INT8 QAT: per-channel symmetric weights, asymmetric activations, mean-min-max range init."""
+    return pc.quantization(
+        weights=dict(mode="symmetric", bits=8, per_channel=True),
+        activations=dict(mode="asymmetric", bits=8),
+        range_init=pc.RangeInit(type="mean_min_max", num_init_samples=512),
+    )
+
+
+def sparse_int8_method(epochs: int, target: float = 0.5) -> pc.Compression:
+    """Magnitude sparsity (polynomial ramp 0 -> ``target`` over a third of ``epochs``, masks frozen
+    at half) chained before INT8 quantization."""
+    level = pc.schedules.polynomial(0.0, target, max(1, epochs // 3), update_per_optimizer_step=True)
+    return pc.chain(pc.magnitude_sparsity(level, freeze_epoch=max(1, epochs // 2)),
+                    pc.quantization(weights=dict(mode="symmetric", bits=8, per_channel=True),
+                                    activations=dict(mode="asymmetric", bits=8),
+                                    range_init=pc.RangeInit(num_init_samples=512)))
+
+
+def int8_calibrated(base: Baseline) -> tuple[nn.Module, pc.Compression, pc.ModelGraph, dict, object]:
+    """A copy of the FP32 model with INT8 quantizers calibrated and BatchNorm re-estimated on
+    ``base.train``: ``(model, method, graph, params, state)``, the model in eval mode."""
+    model = copy.deepcopy(base.model)
+    graph = pc.trace(model, (base.train_set.tensors[0][:2],))
+    method = int8_method()
+    params = dict(model.named_parameters()) | {k: v.clone() for k, v in model.named_buffers()}
+    state = method.init(graph, params, base.train)
+    params = pc.adapt_batchnorm(model, method, params, state, base.train, num_samples=512)
+    model.eval()
+    return model, method, graph, params, state
+
+
+def int8_qat(model: nn.Module, method: pc.Compression, params: dict, state, train, epochs: int,
+             lr: float = 1e-4) -> None:
+    """QAT in place on ``params`` and the trainable leaves of ``state`` (Adam, cosine decay); purecomp
+    never modifies the model object, the optimizer trains its parameters."""
+    model.train()
+    trainable = [p for p in params.values() if p.requires_grad] + pc.trainable(state)
+    train_epochs(lambda x: pc.apply(model, method, params, state, x), trainable, train, epochs, lr, "INT8 QAT")
+    model.eval()
 
 
 def main() -> None:
@@ -47,34 +91,14 @@ def main() -> None:
     fp32_params = dict(model.named_parameters()) | dict(model.named_buffers())
     fp32_path = export.to_onnx(model, pc.identity(), fp32_params, (), (example,), out_dir / "digits_fp32.onnx")
 
-    # INT8 QAT, functional: purecomp never modifies the model object (the optimizer trains its parameters)
-    graph = pc.trace(model, (example,))
-    method = pc.quantization(
-        weights=dict(mode="symmetric", bits=8, per_channel=True),
-        activations=dict(mode="asymmetric", bits=8),
-        range_init=pc.RangeInit(type="mean_min_max", num_init_samples=512),
-    )
-    params = dict(model.named_parameters()) | {k: v.clone() for k, v in model.named_buffers()}
-    state = method.init(graph, params, train)
-    params = pc.adapt_batchnorm(model, method, params, state, train, num_samples=512)
-    model.eval()
+    model, method, graph, params, state = int8_calibrated(base)
     int8_init = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
-
-    sparse_model = copy.deepcopy(model)  # the sparse run starts from the same FP32 weights
-    model.train()
-    trainable = [p for p in params.values() if p.requires_grad] + pc.trainable(state)
-    train_epochs(lambda x: pc.apply(model, method, params, state, x), trainable, train,
-                 args.qat_epochs, 1e-4, "INT8 QAT")
-    model.eval()
+    sparse_model = copy.deepcopy(base.model)  # the sparse run starts from the same FP32 weights
+    int8_qat(model, method, params, state, train, args.qat_epochs)
     int8 = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
-
     int8_path = export.to_onnx(model, method, params, state, (example,), out_dir / "digits_int8.onnx")
 
-    level = pc.schedules.polynomial(0.0, 0.5, max(1, args.sparse_epochs // 3), update_per_optimizer_step=True)
-    sparse_method = pc.chain(pc.magnitude_sparsity(level, freeze_epoch=max(1, args.sparse_epochs // 2)),
-                             pc.quantization(weights=dict(mode="symmetric", bits=8, per_channel=True),
-                                             activations=dict(mode="asymmetric", bits=8),
-                                             range_init=pc.RangeInit(num_init_samples=512)))
+    sparse_method = sparse_int8_method(args.sparse_epochs)
     sparse_graph, sparse_params, sparse_state = finetune(
         sparse_model, sparse_method, train, args.sparse_epochs, 3e-4, 0.0, 0.0, "INT8 + 50% sparsity")
     sparse = accuracy(lambda x: pc.apply(sparse_model, sparse_method, sparse_params, sparse_state, x), test)

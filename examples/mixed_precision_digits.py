@@ -24,7 +24,7 @@ from torch import nn
 import purecomp as pc
 from purecomp.transforms.mixed_precision import hawq_precision
 
-from common import accuracy, train_baseline
+from common import Baseline, accuracy, train_baseline
 
 WEIGHTS = dict(mode="symmetric", per_channel=True)
 ACTIVATIONS = dict(mode="asymmetric")
@@ -32,6 +32,27 @@ ACTIVATIONS = dict(mode="asymmetric")
 
 def evaluate(model, method, params, state, test) -> float:
     return accuracy(lambda x: pc.apply(model, method, params, state, x), test)
+
+
+def hawq_plan(base: Baseline, ratio: float, bits=(4, 8), points: int = 256, probes: int = 200, seed: int = 0):
+    """HAWQ on the FP32 model: Hutchinson Hessian traces on ``points`` training samples (at most
+    ``probes`` probes), the plan of ``bits`` at bit-complexity ratio ``ratio``; the report."""
+    params = dict(base.model.named_parameters()) | {k: v.clone() for k, v in base.model.named_buffers()}
+    graph = pc.trace(base.model, (base.train_set.tensors[0][:2],))
+    return hawq_precision(graph, params, base.train, nn.functional.cross_entropy, weights=WEIGHTS,
+                          bits=list(bits), compression_ratio=ratio, num_data_points=points,
+                          iter_number=probes, seed=seed)
+
+
+def plan_qat(base: Baseline, plan: dict[str, int] | None, epochs: int, seed: int = 0, desc: str = "QAT"):
+    """QAT of a copy of ``base.model`` with the precision ``plan`` (``None``: INT8), Adam 3e-4 with
+    cosine decay: ``(model, method, graph, params, state)``."""
+    model = copy.deepcopy(base.model)
+    method = pc.quantization(weights=WEIGHTS, activations=ACTIVATIONS, precision=plan,
+                             range_init=pc.RangeInit(num_init_samples=512))
+    torch.manual_seed(seed)
+    graph, params, state = finetune(model, method, base.train, epochs, 3e-4, 0.0, 0.0, desc, cosine=True)
+    return model, method, graph, params, state
 
 
 def main() -> None:
@@ -50,12 +71,8 @@ def main() -> None:
     started = time.perf_counter()
     base = train_baseline(args.dataset, args.epochs, args.seed)
 
-    params = dict(base.model.named_parameters()) | {k: v.clone() for k, v in base.model.named_buffers()}
-    graph = pc.trace(base.model, (base.train_set.tensors[0][:2],))
     t0 = time.perf_counter()
-    report = hawq_precision(graph, params, base.train, nn.functional.cross_entropy, weights=WEIGHTS,
-                            bits=args.bits, compression_ratio=args.ratio, num_data_points=args.points,
-                            iter_number=args.probes, seed=args.seed)
+    report = hawq_plan(base, args.ratio, args.bits, args.points, args.probes, args.seed)
     hawq_time = time.perf_counter() - t0
     if args.plot:
         report.plot(args.plot, title=f"HAWQ on the digits CNN ({args.dataset})")
@@ -68,12 +85,7 @@ def main() -> None:
         f"HAWQ {'/'.join(map(str, args.bits))} QAT": (report.plan, report.ratio),
     }
     for name, (plan, ratio) in runs.items():
-        model = copy.deepcopy(base.model)
-        method = pc.quantization(weights=WEIGHTS, activations=ACTIVATIONS, precision=plan,
-                                 range_init=pc.RangeInit(num_init_samples=512))
-        torch.manual_seed(args.seed)
-        graph_q, params_q, state = finetune(model, method, base.train, args.finetune_epochs, 3e-4, 0.0, 0.0, name,
-                                            cosine=True)
+        model, method, _, params_q, state = plan_qat(base, plan, args.finetune_epochs, args.seed, name)
         bits = "/".join(str(state.weights[w].bits) for w in state.weights)
         rows.append((name, bits, ratio, evaluate(model, method, params_q, state, base.test)))
 

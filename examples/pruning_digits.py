@@ -18,11 +18,44 @@ import time
 from pathlib import Path
 
 from sparsity_digits import finetune
+from torch import nn
 
 import purecomp as pc
 from purecomp import export
 
-from common import accuracy, onnx_accuracy, train_baseline
+from common import Baseline, accuracy, onnx_accuracy, train_baseline
+
+
+def prune(
+    base: Baseline,
+    epochs: int,
+    level: float = 0.3,
+    criterion: str = "geometric_median",
+    lr: float = 1e-3,
+    cosine: bool = True,
+    per_epoch: bool = False,
+) -> tuple[nn.Module, pc.Compression, pc.ModelGraph, dict, object]:
+    """Filter pruning of a copy of ``base.model`` at ``level`` with fine-tuning: the level ramps up
+    (exponential schedule) over a third of ``epochs`` (at least 2), the pruned channels freeze at
+    half. Returns ``(model, method, graph, params, state)``; ``per_epoch`` prints test accuracy."""
+    ramp = max(2, epochs // 3)
+    schedule = pc.schedules.pruning_exponential(0.0, level, num_init_steps=0, pruning_steps=ramp)
+    method = pc.filter_pruning(schedule, criterion=criterion, freeze_epoch=max(ramp, epochs // 2))
+    model = copy.deepcopy(base.model)
+
+    def report(epoch, params, state):
+        acc = accuracy(lambda x: pc.apply(model, method, params, state, x), base.test)
+        print(
+            f"epoch {epoch:3d}  level {state.level:.3f}  pruned channels {len(state.pruned_classes()):3d}  "
+            f"test accuracy {acc:.2f}",
+            flush=True,
+        )
+
+    graph, params, state = finetune(
+        model, method, base.train, epochs, lr, 0.0, 0.0, "pruning", cosine=cosine,
+        on_epoch=report if per_epoch else None,
+    )
+    return model, method, graph, params, state
 
 
 def main() -> None:
@@ -49,34 +82,9 @@ def main() -> None:
     baseline = train_baseline(args.dataset, args.epochs, args.seed)
     train_set, test_set, train, test, base, fp32 = baseline.parts()
 
-    ramp = max(2, args.finetune_epochs // 3)
-    schedule = pc.schedules.pruning_exponential(
-        0.0, args.level, num_init_steps=0, pruning_steps=ramp
-    )
-    method = pc.filter_pruning(
-        schedule, criterion=args.criterion, freeze_epoch=max(ramp, args.finetune_epochs // 2)
-    )
-    model = copy.deepcopy(base)
-
-    def report(epoch, params, state):
-        acc = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
-        print(
-            f"epoch {epoch:3d}  level {state.level:.3f}  pruned channels {len(state.pruned_classes()):3d}  "
-            f"test accuracy {acc:.2f}",
-            flush=True,
-        )
-
-    graph, params, state = finetune(
-        model,
-        method,
-        train,
-        args.finetune_epochs,
-        args.finetune_lr,
-        0.0,
-        0.0,
-        "pruning",
-        cosine=args.finetune_lr_schedule == "cosine",
-        on_epoch=report if args.per_epoch else None,
+    model, method, graph, params, state = prune(
+        baseline, args.finetune_epochs, args.level, args.criterion, args.finetune_lr,
+        cosine=args.finetune_lr_schedule == "cosine", per_epoch=args.per_epoch,
     )
     pruned_acc = accuracy(lambda x: pc.apply(model, method, params, state, x), test)
     example = train_set.tensors[0][:2]
