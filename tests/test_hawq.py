@@ -245,8 +245,8 @@ def test_liberal_mode_lets_a_shared_input_take_the_narrowest_consumer():
     # strict: both weights read the same quantized input, so they share one width; 1.3 needs 4 bits
     strict = hawq_precision(graph, params, data, nn.functional.mse_loss, **kw)
     assert strict.weight_bits == {"a.weight": 4, "b.weight": 4} and strict.plan["input:0"] == 4
-    # the linears' outputs feed only the concatenation (no weight): they keep the widest width
-    assert strict.plan["a/linear#0:out0"] == 8
+    # the concatenation's inputs (10 * a(x), b(x)) feed no weight: they keep the widest width
+    assert strict.plan["mul#0:out0"] == 8 and strict.plan["b/linear#0:out0"] == 8
 
 
 # ------------------------------------------------------------------ config
