@@ -122,8 +122,11 @@ def test_tinydata_command_line_writes_the_cifar100_layout(tmp_path):
 
 
 def test_classification_default_data_is_digits(data, tmp_path):
-    result = classify(data, tmp_path, "--no-export")  # no --dataset: the config names none, so digits
+    result = classify(data, tmp_path)  # no --dataset: the config names none, so digits
     assert 0 <= result.metrics["top1 %"] <= 100 and np.isfinite(result.metrics["train loss"])
+    check = result.export
+    assert check.path.is_file() and check.output_shapes[0][1] == 10
+    assert check.max_abs_diff < 0.1 and check.argmax_agreement >= 75
     assert re.search(r"^dataset\s+digits$", result.table, re.M) and re.search(r"^classes\s+10$", result.table, re.M)
     assert re.search(r"^train / val samples\s+1437 / 360$", result.table, re.M)
 
