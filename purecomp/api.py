@@ -51,11 +51,20 @@ class Config(dict):
         return load_config({k: v for k, v in self.items() if k != "__init_args__"})
 
 
-def register_default_init_args(config: Config, train_loader: Iterable[Any], criterion: Callable | None = None) -> Config:
-    """Remember the data (range init, BatchNorm adaptation, HAWQ) and the loss (HAWQ) for ``initialize``."""
+def register_default_init_args(
+    config: Config,
+    train_loader: Iterable[Any],
+    criterion: Callable | None = None,
+    *,
+    autoq_eval_fn: Callable[[Any, Any], float] | None = None,
+    val_loader: Iterable[Any] | None = None,
+) -> Config:
+    """Remember what ``initialize`` needs: the data (range init, BatchNorm adaptation, HAWQ), the
+    loss (HAWQ), and AutoQ's metric ``autoq_eval_fn(model_apply, loader) -> float`` with the
+    data it scores on (``val_loader``; default the training data). NNCF's keyword names."""
     if not isinstance(config, Config):
         raise ConfigError("", f"expected a purecomp.Config (Config.from_json / from_dict), got {type(config).__name__}")
-    config.init_args.update(data=train_loader, criterion=criterion)
+    config.init_args.update(data=train_loader, criterion=criterion, eval_fn=autoq_eval_fn, eval_data=val_loader)
     return config
 
 
@@ -343,7 +352,9 @@ def create_compressed_model(
     if not isinstance(config, Config):
         config = Config.from_dict(config)
     cconfig = config.compression_config()
-    method = cconfig.method(criterion=config.init_args.get("criterion"), init_data=config.init_args.get("data"))
+    args = config.init_args
+    method = cconfig.method(criterion=args.get("criterion"), init_data=args.get("data"),
+                            eval_fn=args.get("eval_fn"), eval_data=args.get("eval_data"))
     graph = cconfig.trace(model)
     module = CompressedModule(model, method)
     ctrl = CompressionController(config, method, graph, module)

@@ -272,6 +272,24 @@ def test_config_autoq_builds_the_same_plan_as_code():
     assert {k: q.bits for k, q in {**state.weights, **state.activations}.items()} == report.plan
 
 
+def test_front_door_takes_the_autoq_metric_like_nncf():
+    """``register_default_init_args(..., autoq_eval_fn=, val_loader=)`` gives the same plan as code."""
+    data = cnn_data()
+    cfg = autoq_config(bits=[2, 4, 8], compression_ratio=0.15, iter_number=4, warmup_iter_number=2, seed=4)
+    model = small_cnn()
+    config = pc.load_config(cfg)
+    code = config.method(eval_fn=agreement(model), eval_data=data).init(
+        config.trace(model), dict(model.named_parameters()), data)
+    fresh = small_cnn()  # the same weights, untouched by the first search
+    front = pc.register_default_init_args(pc.Config.from_dict(cfg), data, autoq_eval_fn=agreement(fresh),
+                                          val_loader=data)
+    ctrl, _ = pc.create_compressed_model(fresh, front)
+    bits = lambda state: {k: q.bits for k, q in {**state.weights, **state.activations}.items()}  # noqa: E731
+    assert bits(ctrl.state) == bits(code)
+    with pytest.raises(ConfigError, match="needs a metric"):
+        pc.create_compressed_model(small_cnn(), pc.register_default_init_args(pc.Config.from_dict(cfg), data))
+
+
 @pytest.mark.parametrize(
     "cfg, call, path, message",
     [
