@@ -248,18 +248,33 @@ def _head(items: list[str], n: int = 5) -> str:
     return "[]" if not items else "[" + ", ".join(items[:n]) + (f", ... {len(items) - n} more]" if len(items) > n else "]")
 
 
+def autoq_metric(evaluate: Evaluate) -> Callable[[Callable[..., Any], Iterable[Any]], float]:
+    """AutoQ's score of a candidate plan: the task's first metric (higher is better) on the loader."""
+
+    @torch.no_grad()
+    def score(model_apply: Callable[..., Any], loader: Iterable[Any]) -> float:
+        return float(next(iter(evaluate(model_apply, loader).values())))
+
+    return score
+
+
 def build_compressed(
     model: nn.Module, config: pc.Config, init_loader: Iterable[Any], criterion: Callable | None, info: DistInfo,
-    compression_state: Mapping[str, Any] | None = None,
+    compression_state: Mapping[str, Any] | None = None, evaluate: Evaluate | None = None,
+    val_loader: Iterable[Any] | None = None,
 ) -> tuple[pc.CompressionController, pc.api.CompressedModule]:
     """``create_compressed_model``: restored from ``compression_state``, else calibrated on ``init_loader``
-    (in a distributed run each rank calibrates and rank 0's state is broadcast)."""
+    (in a distributed run each rank calibrates and rank 0's state is broadcast). ``evaluate`` on
+    ``val_loader`` scores AutoQ's candidates (``type: autoq`` configs)."""
     if compression_state is not None:
         return pc.create_compressed_model(model, config, compression_state=compression_state)
-    if not info.enabled:
-        config = pc.register_default_init_args(config, init_loader, criterion)
-        return pc.create_compressed_model(model, config)
+    metric = autoq_metric(evaluate) if evaluate is not None else None
+    # distributed: no data here, so nothing initializes before ``ctrl.distributed()``
+    data = init_loader if not info.enabled else None
+    config = pc.register_default_init_args(config, data, criterion, autoq_eval_fn=metric, val_loader=val_loader)
     ctrl, module = pc.create_compressed_model(model, config)
+    if not info.enabled:
+        return ctrl, module
     ctrl.distributed()
     ctrl.initialize(init_loader)
     return ctrl, module
@@ -494,7 +509,7 @@ def _setup(args: argparse.Namespace, prepare: Prepare, info: DistInfo) -> Sessio
     val_loader = make_loader(parts.val_set, args.batch_size, False, info, args.workers, args.seed, parts.collate_fn)
     saved = load_checkpoint(args.resume) if args.resume is not None else None
     ctrl, module = build_compressed(parts.model, config, train_loader, parts.criterion, info,
-                                    saved["compression"] if saved else None)
+                                    saved["compression"] if saved else None, parts.evaluate, val_loader)
     if saved is not None:
         module.load_state_dict(saved["model"])
     return Session(args, raw, parts, ctrl, module, train_loader, val_loader, saved, info)

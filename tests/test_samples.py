@@ -235,3 +235,18 @@ def test_classification_torchrun_two_processes_command_line(data, tmp_path):
     assert re.search(r"^processes\s+2$", result.stdout, re.M), result.stdout[-2000:]
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["epoch"] == 0 and saved["model"]["model.fc.weight"].shape == (10, 512)
+
+
+@pytest.mark.slow
+def test_classification_runs_an_autoq_config_scored_by_the_task_metric(data, tmp_path):
+    """A ``type: autoq`` config gets the sample's top-1 on the validation data as its metric
+    (without one, building it raises ConfigError); a size ratio below INT8's 0.25 needs 4-bit weights."""
+    config = json.loads(fast_config("resnet18_int8.json", data["configs"]).read_text())
+    config["compression"]["initializer"]["precision"] = {
+        "type": "autoq", "bits": [4, 8], "compression_ratio": 0.2, "iter_number": 2, "warmup_iter_number": 1}
+    path = tmp_path / "resnet18_autoq.json"
+    path.write_text(json.dumps(config))
+    result = classification.main(["--config", str(path), "--input-size", "32", "--output-dir", str(tmp_path),
+                                  *SHORT, "--no-export"])
+    assert 0 <= result.metrics["top1 %"] <= 100
+    assert re.search(r"^\S+\.weight\s+weight\s+4\s", result.statistics, re.M), result.statistics
