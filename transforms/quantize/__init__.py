@@ -1,5 +1,7 @@
 """Quantization-aware training: quantizers, placement, range initialization."""
 
+from .grouped import GroupedQuantizer, channel_groups, make_grouped_quantizer
+from .grouped_method import grouped_activations
 from .method import QuantizationState, QuantizerSettings, quantization
 from .placement import (
     ActivationTarget,
@@ -15,6 +17,7 @@ __all__ = [
     "RANGE_TYPES",
     "ActivationTarget",
     "AsymmetricQuantizer",
+    "GroupedQuantizer",
     "QuantizationState",
     "Quantizer",
     "QuantizerSettings",
@@ -22,6 +25,9 @@ __all__ = [
     "SymmetricQuantizer",
     "WeightTarget",
     "activation_targets",
+    "channel_groups",
+    "grouped_activations",
+    "make_grouped_quantizer",
     "make_quantizer",
     "quantization",
     "select_sites",
