@@ -28,15 +28,18 @@ from purecomp.ops import adjust_asymmetric_range
 from purecomp.ops.reference import EPS
 from purecomp.stats import _states
 from purecomp.transforms.quantize import AsymmetricQuantizer, QuantizationState, SymmetricQuantizer
+from purecomp.transforms.quantize.grouped import GroupedQuantizer
 
+from .grouped_linear import split_grouped_linear
 from .pruning import prune_channels, slice_quantizer
 from .qdq_ops import container_for
 
 log = logging.getLogger(__name__)
 
 
-def integer_grid(quantizer: SymmetricQuantizer | AsymmetricQuantizer) -> tuple[Tensor, Tensor, int, int]:
-    """``(scale, zero_point, qmin, qmax)`` of a quantizer in ONNX terms (MATH.md, Export).
+def integer_grid(quantizer: SymmetricQuantizer | AsymmetricQuantizer | GroupedQuantizer) -> tuple[Tensor, Tensor, int, int]:
+    """``(scale, zero_point, qmin, qmax)`` of a quantizer in ONNX terms (MATH.md, Export); one
+    scale and zero point per group for a ``GroupedQuantizer``.
 
     ``y_scale = (high - low) / (qh - ql)``; ``y_zero_point = round(ql - low / y_scale)`` (0 for
     symmetric quantizers); the zero point's dtype (int8 / uint8) is the container.
@@ -248,6 +251,11 @@ def materialize(
         remap = fold_batchnorms(copy_model, graph, {**weights, **{name: BinarizedWeight() for name in binarized}})
     quantizers: dict[str, nn.Module] = dict(binarizers)
     for key, quantizer in (qstate.activations.items() if qstate else []):
+        if isinstance(quantizer, GroupedQuantizer):
+            if pstate is not None:
+                raise StateError("materialize does not combine filter pruning with grouped quantizers")
+            split_grouped_linear(copy_model, key, quantizer, graph)
+            continue
         scale, zero_point, qmin, qmax = integer_grid(quantizer)
         quantizers[remap.get(key, key)] = QuantizeDequantize(scale, zero_point, qmin, qmax)
         if graph is not None:
