@@ -37,7 +37,8 @@ from purecomp.api import CompressedModule, CompressionController, Config
 from purecomp.compression import Compression
 from purecomp.errors import CalibrationError, ConfigError, ScopeError, StateError
 from purecomp.graph import ModelGraph, trace
-from purecomp.transforms.quantize import QuantizationState
+from purecomp.transforms.quantize import QuantizationState, RangeInit
+from purecomp.transforms.quantize.grouped_method import grouped_activations
 from purecomp.transforms.quantize.placement import scope_matches
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,14 @@ FFN_SCOPES: tuple[str, ...] = (
     r"{re}(.+\.)?layer\.\d+\.(intermediate|output)\.dense/linear#\d+",
     r"{re}(.+\.)?ffn\.lin[12]/linear#\d+",
 )
+# every linear reading an outlier-carrying tensor: Q, K, V (the previous layer's output LayerNorm),
+# and the two feed-forward linears (attention-output LayerNorm, GELU output); not the attention
+# output projection, whose input (the attention context) has no outlier channels
+GROUPED_SCOPES: tuple[str, ...] = FFN_SCOPES + (
+    r"{re}(.+\.)?layer\.\d+\.attention\.self\.(query|key|value)/linear#\d+",
+    r"{re}(.+\.)?attention\.(q_lin|k_lin|v_lin)/linear#\d+",
+)
+NUM_GROUPS = 4
 LABEL_KEYS = frozenset({"labels", "label", "label_ids"})
 STATE_FILE = "compression_state.safetensors"
 _STATE_FORMAT = "purecomp-transformers-1"
@@ -95,13 +104,26 @@ def trace_transformer(model: nn.Module, batch: Mapping[str, Any]) -> ModelGraph:
         model.train(was_training)
 
 
-def transformer_quantization(float_activation_scopes: Sequence[str] = (), **kwargs: Any) -> Compression:
+def transformer_quantization(
+    float_activation_scopes: Sequence[str] = (),
+    grouped_activation_scopes: Sequence[str] = (),
+    num_groups: int = NUM_GROUPS,
+    **kwargs: Any,
+) -> Compression:
     """``purecomp.quantization(**kwargs)`` with ``target_scopes=TRANSFORMER_TARGET_SCOPES`` unless
-    given; ``float_activation_scopes``: see ``float_activations``."""
+    given; ``float_activation_scopes``: see ``float_activations``.
+
+    ``grouped_activation_scopes`` (e.g. ``GROUPED_SCOPES``): the inputs of these linears get
+    per-embedding-group quantizers with up to ``num_groups`` groups (``grouped_activations``),
+    ranges ``min_max`` over the same number of calibration samples as ``range_init``."""
     from purecomp.transforms.quantize import quantization
 
     kwargs.setdefault("target_scopes", TRANSFORMER_TARGET_SCOPES)
     method = quantization(**kwargs)
+    if grouped_activation_scopes:
+        samples = (kwargs.get("range_init") or RangeInit()).num_init_samples
+        method = grouped_activations(method, grouped_activation_scopes, num_groups,
+                                     RangeInit(type="min_max", num_init_samples=samples))
     return float_activations(method, float_activation_scopes) if float_activation_scopes else method
 
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from .hf_compress import (
     FFN_SCOPES,
+    GROUPED_SCOPES,
     LABEL_KEYS,
+    NUM_GROUPS,
     STATE_FILE,
     TRANSFORMER_TARGET_SCOPES,
     batches_on,
     create_compressed_transformer,
     export_onnx,
     float_activations,
+    grouped_activations,
     load_compressed_transformer,
     model_inputs,
     positional_inputs,
@@ -37,7 +40,9 @@ from .hf_trainer import CompressionCallback, CompressionTrainer
 
 __all__ = [
     "FFN_SCOPES",
+    "GROUPED_SCOPES",
     "LABEL_KEYS",
+    "NUM_GROUPS",
     "STATE_FILE",
     "TRANSFORMER_TARGET_SCOPES",
     "CompressionCallback",
@@ -46,6 +51,7 @@ __all__ = [
     "create_compressed_transformer",
     "export_onnx",
     "float_activations",
+    "grouped_activations",
     "load_compressed_transformer",
     "model_inputs",
     "positional_inputs",
