@@ -101,13 +101,16 @@ def build_directory() -> Path:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     digest.update(" ".join(cflags()).encode())
+    version = torch.__version__.replace("+", "_")
+    return cache_root() / f"ops-{version}-{digest.hexdigest()[:16]}"
+
+
+def cache_root() -> Path:
+    """``$PURECOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/purecomp``, else ``~/.cache/purecomp``."""
     root = os.environ.get("PURECOMP_CACHE_DIR")
     if root is None:
-        root = os.path.join(
-            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "purecomp"
-        )
-    version = torch.__version__.replace("+", "_")
-    return Path(root) / f"ops-{version}-{digest.hexdigest()[:16]}"
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "purecomp")
+    return Path(root)
 
 
 def _compile_and_load() -> None:

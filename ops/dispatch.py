@@ -1,10 +1,11 @@
 """Public fake-quantize functions and the router that picks the kernel path.
 
 Paths: ``"reference"`` (the pure-torch composite of ``reference.py``) and, once built,
-``"cpp"`` (the C++ ops ``torch.ops.purecomp.fake_quantize_*``, whose autograd kernels are C++
-too). ``record_paths()`` lets tests assert which one ran.
+``"cpp"`` (the C++ ops ``torch.ops.purecomp.fake_quantize_*`` on CPU tensors, whose autograd
+kernels are C++ too) and ``"cuda"`` (the same ops' CUDA kernels, ``build_cuda``, on CUDA
+tensors). ``record_paths()`` lets tests assert which one ran.
 
-The C++ path is taken only for eager, transform-free calls on CPU: not while
+The kernel paths are taken only for eager, transform-free calls: not while
 ``torch.compile`` traces, not under an active ``torch.func`` transform (grad, vjp, jvp,
 vmap, ...), not when an input carries a forward-AD tangent, and only for float32/float16/
 bfloat16 ``x`` with float32 parameters. ``PURECOMP_OPS=reference`` disables it (see
@@ -22,7 +23,7 @@ from torch.autograd import forward_ad
 
 from purecomp.errors import QuantizerRangeError
 
-from . import build
+from . import build, build_cuda
 from .levels import MAX_BITS, MIN_BITS, asymmetric_levels, check_bits, symmetric_levels
 from .reference import fake_quantize_asymmetric_reference, fake_quantize_symmetric_reference
 
@@ -86,7 +87,7 @@ def _note_path(path: str) -> None:
 
 @contextlib.contextmanager
 def record_paths() -> Iterator[list[str]]:
-    """Collect the name of the path (``"reference"`` or ``"cpp"``) of every op call in the block."""
+    """Collect the name of the path (``"reference"``, ``"cpp"`` or ``"cuda"``) of every op call in the block."""
     recorder: list[str] = []
     _recorders.append(recorder)
     try:
@@ -120,18 +121,36 @@ def _has_tangent(t: Tensor) -> bool:
 
 
 def _use_cpp(x: Tensor, *params: Tensor) -> bool:
-    """True when the C++ kernels may run: eager, no transform, no tangent, CPU, supported dtypes."""
+    """True when the C++ CPU kernels may run: eager, no transform, no tangent, CPU, supported dtypes."""
+    return _kernel_path(x, *params) == "cpp"
+
+
+def _kernel_path(x: Tensor, *params: Tensor) -> str | None:
+    """``"cpp"`` (CPU kernels) or ``"cuda"`` (CUDA kernels) when one may run this call, else None:
+    eager, no transform, no tangent, x float32/float16/bfloat16 and float32 parameters, all on
+    the CPU or all on x's CUDA device, and the kernels built."""
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
-        return False
-    if not x.is_cpu or x.dtype not in _CPP_DTYPES:
-        return False
-    for p in params:
-        if not p.is_cpu or p.dtype != torch.float32:
-            return False
+        return None
+    if x.dtype not in _CPP_DTYPES:
+        return None
+    if x.is_cpu:
+        path = "cpp"
+        for p in params:
+            if not p.is_cpu or p.dtype != torch.float32:
+                return None
+    elif x.is_cuda:
+        path = "cuda"
+        for p in params:
+            if p.device != x.device or p.dtype != torch.float32:
+                return None
+    else:
+        return None
     if getattr(forward_ad, "_current_level", 0) >= 0:  # inside a dual level: look for tangents
         if _has_tangent(x) or any(_has_tangent(p) for p in params):
-            return False
-    return build.ensure_built()
+            return None
+    if path == "cpp":
+        return path if build.ensure_built() else None
+    return path if build_cuda.ensure_cuda_built() else None
 
 
 def fake_quantize_symmetric(
@@ -141,9 +160,10 @@ def fake_quantize_symmetric(
     ql, qh = _symmetric_levels(bits, signed, narrow_range)
     if axis is not None or scale.numel() != 1:
         _check_param("scale", scale, x, axis)
-    if _use_cpp(x, scale):
+    path = _kernel_path(x, scale)
+    if path is not None:
         if _recorders:
-            _note_path("cpp")
+            _note_path(path)
         return (_SYM_OP if _SYM_OP is not None else _symmetric_op())(x, scale, ql, qh, axis)
     _note_path("reference")
     return fake_quantize_symmetric_reference(
@@ -159,9 +179,10 @@ def fake_quantize_asymmetric(
     if axis is not None or input_low.numel() != 1 or input_range.numel() != 1:
         _check_param("input_low", input_low, x, axis)
         _check_param("input_range", input_range, x, axis)
-    if _use_cpp(x, input_low, input_range):
+    path = _kernel_path(x, input_low, input_range)
+    if path is not None:
         if _recorders:
-            _note_path("cpp")
+            _note_path(path)
         return (_ASYM_OP if _ASYM_OP is not None else _asymmetric_op())(x, input_low, input_range, levels, axis)
     _note_path("reference")
     return fake_quantize_asymmetric_reference(x, input_low, input_range, bits=bits, axis=axis)
