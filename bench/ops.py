@@ -22,7 +22,7 @@ cannot. ``clone (cold)`` copies a tensor of the same size taken in turn from a p
 distinct tensors (at least 64 MB in all), so its source comes from the shared cache or memory:
 the bandwidth the op's own working set gets. Both yardsticks are printed; at 4M they agree.
 
-Run: ``python bench/ops.py [--rounds 15] [--threads 2] [--sizes 256K 4M]``.
+Run: ``python bench/ops.py [--rounds 15] [--threads 2] [--sizes 256K 4M] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,20 @@ CHANNELS = 64
 SIZES = {"256K": (4, CHANNELS, 32, 32), "4M": (64, CHANNELS, 32, 32)}
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _time(fn: Callable[[], object], repeat: int) -> float:
+    _sync()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
+    _sync()
     return (time.perf_counter() - start) / repeat
 
 
@@ -63,8 +73,10 @@ def _fwd_bwd(
 
 
 def _cold_clone(x: torch.Tensor) -> Callable[[], object]:
-    """``clone()`` of a same-sized tensor from a rotating pool of >= 64 MB (source not in L2)."""
-    pool = [x.clone() for _ in range(max(4, (64 << 20) // (x.numel() * x.element_size())))]
+    """``clone()`` of a same-sized tensor from a rotating pool of >= 64 MB (512 MB on a GPU):
+    the source is not in the (L2) cache."""
+    pool_bytes = (512 if x.is_cuda else 64) << 20
+    pool = [x.clone() for _ in range(max(4, pool_bytes // (x.numel() * x.element_size())))]
     position = iter(range(1 << 62))
 
     def run() -> torch.Tensor:
@@ -78,11 +90,11 @@ def _candidates(
 ) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """name -> (forward, forward+backward) closures for one case."""
     torch.manual_seed(0)
-    x = torch.randn(shape)
-    grad = torch.randn(shape)
+    x = torch.randn(shape, device=DEVICE)
+    grad = torch.randn(shape, device=DEVICE)
     xg = x.clone().requires_grad_()
     if case == "sym per-tensor":
-        scale = torch.tensor([3.0])
+        scale = torch.tensor([3.0], device=DEVICE)
         sg = scale.clone().requires_grad_()
 
         def cpp(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -93,7 +105,7 @@ def _candidates(
                 x, s, bits=BITS, signed=True, narrow_range=False
             )
 
-        zero_point = torch.zeros(1)
+        zero_point = torch.zeros(1, device=DEVICE)
         step = scale / 127
 
         def learnable(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -110,7 +122,8 @@ def _candidates(
         def kernel_bwd() -> object:
             return torch.ops.purecomp.fake_quantize_symmetric_backward(grad, x, scale, -128, 127)
     else:
-        low, rng = torch.full((CHANNELS,), -2.0), torch.full((CHANNELS,), 5.0)
+        low = torch.full((CHANNELS,), -2.0, device=DEVICE)
+        rng = torch.full((CHANNELS,), 5.0, device=DEVICE)
         lg, rg = low.clone().requires_grad_(), rng.clone().requires_grad_()
 
         def cpp(x: torch.Tensor, lo: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -177,13 +190,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the CUDA kernels")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if not build.cpp_available():
         raise SystemExit(f"purecomp C++ ops unavailable: {build.build_error()}")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, median of {args.rounds} rounds\n"
+        f"{torch.backends.cpu.get_cpu_capability()}, device {DEVICE}"
+        f"{' (' + torch.cuda.get_device_name(DEVICE) + ')' if DEVICE.type == 'cuda' else ''}, "
+        f"median of {args.rounds} rounds\n"
     )
     header = f"{'case':<16} {'size':<5} {'candidate':<19} {'fwd us':>9} {'fwd+bwd us':>11}"
     for case in ("sym per-tensor", "asym per-channel"):
@@ -191,7 +209,8 @@ def main() -> None:
             shape = SIZES[size]
             with record_paths() as paths:
                 times = measure(case, shape, args.rounds)
-            assert "cpp" in paths, "the C++ kernels did not run"
+            kernel = "cuda" if DEVICE.type == "cuda" else "cpp"
+            assert kernel in paths, f"the {kernel} kernels did not run"
             print(header)
             for name, (fwd, both) in times.items():
                 print(f"{case:<16} {size:<5} {name:<19} {fwd * 1e6:>9.1f} {both * 1e6:>11.1f}")

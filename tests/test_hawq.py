@@ -67,6 +67,23 @@ def test_hutchinson_equals_autograd_double_backward_loop(mode):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_hutchinson_on_cuda_equals_the_loop_there(mode):
+    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, as on the CPU
+    cuda = torch.device("cuda")
+    model = small_cnn().to(cuda)
+    params, names = dict(model.named_parameters()), weight_names(model)
+    data = [(x.to(cuda), y.to(cuda)) for x, y in cnn_data()]
+    ours = hutchinson_traces(model, params, names, collect_batches(data, 16), nn.functional.cross_entropy,
+                             iter_number=4, chunk=4, tolerance=0.0, seed=3, mode=mode)
+    probes = rademacher({n: params[n].shape for n in names}, 4, torch.Generator(device=cuda).manual_seed(3))
+    assert all(p.is_cuda for p in probes.values())
+    loop = autograd_traces(model, params, names, collect_batches(data, 16, 8), nn.functional.cross_entropy, probes)
+    for n in names:
+        assert ours.traces[n] == pytest.approx(loop[n], rel=1e-4, abs=1e-6)
+
+
 def test_hutchinson_is_deterministic_and_seeded():
     model, data = small_cnn(), collect_batches(cnn_data(), 16)
     params, names = dict(model.named_parameters()), weight_names(model)

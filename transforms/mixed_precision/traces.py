@@ -98,9 +98,11 @@ def _slice(b: Batch, start: int, stop: int) -> Batch:
 
 
 def rademacher(shapes: Mapping[str, torch.Size], count: int, generator: torch.Generator) -> dict[str, Tensor]:
-    """``count`` probes per weight, entries +-1 with probability 1/2: ``{name: [count, *shape]}``."""
+    """``count`` probes per weight, entries +-1 with probability 1/2: ``{name: [count, *shape]}``,
+    drawn on the generator's device."""
     return {
-        name: torch.randint(0, 2, (count, *shape), generator=generator).mul_(2).sub_(1).float()
+        name: torch.randint(0, 2, (count, *shape), generator=generator, device=generator.device)
+        .mul_(2).sub_(1).float()
         for name, shape in shapes.items()
     }
 
@@ -155,7 +157,8 @@ def hutchinson_traces(
     frozen = {k: v.detach() for k, v in params.items() if k not in names}
     weights = {k: params[k].detach() for k in names}
     shapes = {k: w.shape for k, w in weights.items()}
-    generator = torch.Generator().manual_seed(seed)
+    device = next(iter(weights.values())).device
+    generator = torch.Generator(device=device).manual_seed(seed)  # probes drawn where the weights are
     sums = {k: 0.0 for k in names}
     used = 0
     previous: float | None = None
@@ -201,7 +204,8 @@ def autograd_traces(
                 frozen = {k: v.detach() for k, v in params.items() if k not in names}
                 out = functional_call(model, {**frozen, **weights}, b.args, b.kwargs)
                 grads = torch.autograd.grad(criterion(out, b.target), list(weights.values()), create_graph=True)
-                hv = torch.autograd.grad(grads, list(weights.values()), [probes[k][i] for k in names])
+                hv = torch.autograd.grad(grads, list(weights.values()),
+                                         [probes[k][i].to(weights[k].device) for k in names])
                 for k, h in zip(names, hv):
-                    sums[k] += float((h * probes[k][i]).sum()) / len(batches)
+                    sums[k] += float((h * probes[k][i].to(h.device)).sum()) / len(batches)
     return {k: s / count for k, s in sums.items()}
