@@ -9,10 +9,11 @@ its SHA-1: calibration (range init), dev (for choosing settings) and evaluation.
 Embedding: sentence-transformers' pooling for this model: the mean of the last hidden states
 over the attention mask, then L2 normalization. INT8: ``transformer_quantization`` (weights
 symmetric per-channel, activations asymmetric, ``mean_min_max`` range init on the calibration
-set), no fine-tuning, in two variants (``VARIANTS``): ``int8`` quantizes every linear and
-attention-matmul input; ``int8-ffn-float`` keeps the inputs of the feed-forward linears in
-float (``FFN_SCOPES``, chosen on the dev set; see docs/transformers.md). Reported on the
-evaluation set:
+set), no fine-tuning, in three variants (``VARIANTS``): ``int8-grouped`` (the default) gives
+the inputs of the Q, K, V and feed-forward linears per-embedding-group quantizers
+(``GROUPED_SCOPES``, ``NUM_GROUPS`` groups, chosen on the dev set; see docs/transformers.md);
+``int8`` quantizes every linear and attention-matmul input per tensor; ``int8-ffn-float`` keeps
+the inputs of the feed-forward linears in float (``FFN_SCOPES``). Reported on the evaluation set:
 
 - cosine(e_fp32(s), e_int8(s)) per sentence: mean and 5th percentile;
 - top-1 retrieval agreement: for each sentence i, ``argmax_{j != i} e(i) . e(j)`` computed once
@@ -186,25 +187,26 @@ class Fidelity:
 
 WEIGHTS = dict(mode="symmetric", per_channel=True)
 ACTIVATIONS = dict(mode="asymmetric")
-VARIANTS = {  # name -> activation scopes kept in float
-    "int8": (),  # every linear and attention-matmul input quantized
-    "int8-ffn-float": pct.FFN_SCOPES,  # the two feed-forward linears read float inputs (weights INT8)
+VARIANTS: dict[str, dict[str, Any]] = {  # name -> transformer_quantization keywords
+    "int8-grouped": dict(grouped_activation_scopes=pct.GROUPED_SCOPES, num_groups=pct.NUM_GROUPS),
+    "int8": {},  # every linear and attention-matmul input quantized per tensor
+    "int8-ffn-float": dict(float_activation_scopes=pct.FFN_SCOPES),  # FFN linears read float inputs (weights INT8)
 }
+DEFAULT_VARIANT = "int8-grouped"
 
 
-def quantize(model: torch.nn.Module, calib: Sequence[dict], variant: str = "int8-ffn-float", **overrides: Any):
+def quantize(model: torch.nn.Module, calib: Sequence[dict], variant: str = DEFAULT_VARIANT, **overrides: Any):
     """``(method, params, state)``: INT8 MiniLM (``VARIANTS[variant]``), activation ranges from ``calib``."""
     params = dict(model.named_parameters())
     samples = sum(int(b["input_ids"].shape[0]) for b in calib)
-    kwargs = dict(weights=WEIGHTS, activations=ACTIVATIONS, range_init=pc.RangeInit(num_init_samples=samples),
-                  float_activation_scopes=VARIANTS[variant])
-    method = pct.transformer_quantization(**(kwargs | overrides))
+    kwargs = dict(weights=WEIGHTS, activations=ACTIVATIONS, range_init=pc.RangeInit(num_init_samples=samples))
+    method = pct.transformer_quantization(**(kwargs | VARIANTS[variant] | overrides))
     state = method.init(pct.trace_transformer(model, calib[0]), params, calib)
     return method, params, state
 
 
 def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_name: str = "eval",
-             batch: int = 64, variants: Sequence[str] = ("int8-ffn-float",), **overrides: Any) -> list[Fidelity]:
+             batch: int = 64, variants: Sequence[str] = (DEFAULT_VARIANT,), **overrides: Any) -> list[Fidelity]:
     """Cosine and retrieval agreement of INT8 vs FP32 embeddings on ``split_name`` (``eval`` or ``dev``)."""
     sets = split(stdlib_sentences())
     evaluation = sets[split_name][:num_eval]
@@ -223,7 +225,7 @@ def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_nam
 
 
 def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
-            variants: Sequence[str] = ("int8-ffn-float",)) -> list[dict[str, Any]]:
+            variants: Sequence[str] = (DEFAULT_VARIANT,)) -> list[dict[str, Any]]:
     """Median ms of FP32 ONNX vs each INT8 variant's ONNX in onnxruntime, batch 1, sequence 128.
 
     All sessions run in turn within each repetition (the order rotating), so load changes on

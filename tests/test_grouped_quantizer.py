@@ -224,7 +224,6 @@ def test_grouped_bert_exports_to_integer_matmuls_that_onnxruntime_runs(tmp_path)
     integer = sum(ops[k] for k in ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger"))
     groups = sum(q.num_groups for q in state.activations.values() if isinstance(q, GroupedQuantizer))
     # every group of every grouped linear, plus the attention-output linears and the 2 attention matmuls per layer
-    print(dict(ops))
     assert integer >= groups + 2 * 3, ops
 
 

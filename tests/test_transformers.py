@@ -285,7 +285,9 @@ def test_minilm_int8_fidelity_on_stdlib_sentences():
     print(json.dumps(result.as_dict(), indent=1))
     assert result.num_eval == 500
     assert result.mean_cosine >= 0.99, result
-    # Issue 12 asks for 95% top-1 agreement; the full 1,874-sentence set gives 94.5% and these
-    # 500 sentences sit at 95.0% (docs/transformers.md), too close to the target for a stable
-    # assertion. This is a regression guard, two points below the measured value.
+    # Issue 12 asks for 95% top-1 agreement. The default variant (int8-grouped) gives 95.6% on the
+    # full 1,874-sentence evaluation set (docs/transformers.md): met, but with less than one point
+    # of margin, and top-1 agreement moves by about +-1.5 points between settings of equal mean
+    # cosine on the dev sentences. So this stays a regression guard below the measured value
+    # (these 500 sentences with 64 calibration sentences: mean 0.9986, top-1 97.6%).
     assert result.top1_agreement >= 0.93, result
