@@ -24,12 +24,14 @@ from purecomp.apply import _input_sites, _transform_inputs, intercepting
 from purecomp.compression import with_training
 from purecomp.errors import StateError
 from purecomp.graph import ModelGraph, TensorRef
+from purecomp.intercept import split_site
 from purecomp.ops import adjust_asymmetric_range
 from purecomp.ops.reference import EPS
 from purecomp.stats import _states
 from purecomp.transforms.quantize import AsymmetricQuantizer, QuantizationState, SymmetricQuantizer
 from purecomp.transforms.quantize.grouped import GroupedQuantizer
 
+from .embedding import replace_quantized_embeddings
 from .grouped_linear import split_grouped_linear
 from .pruning import prune_channels, slice_quantizer
 from .qdq_ops import container_for
@@ -261,9 +263,23 @@ def materialize(
         if graph is not None:
             for site in _requantized_inputs(graph, key, qstate.consumers_of(key)):
                 quantizers[site] = QuantizeDequantize(scale, zero_point, qmin, qmax)
+    replace_quantized_embeddings(copy_model, keep=_scopes_with_sites(quantizers, "embedding"))
     for p in copy_model.parameters():
         p.requires_grad_(False)
     return MaterializedModel(copy_model, quantizers).eval()
+
+
+def _scopes_with_sites(quantizers: Mapping[str, nn.Module], op: str) -> set[str]:
+    """Module scopes that hold an activation transform at a call of ``op`` (their calls must stay as they are)."""
+    scopes = set()
+    for key in quantizers:
+        site = key.rpartition(":")[0]
+        if "#" not in site:
+            continue  # a model input ("input:<name>")
+        scope, kind, _ = split_site(site)
+        if kind == op:
+            scopes.add(scope)
+    return scopes
 
 
 def _requantized_inputs(graph: ModelGraph, key: str, consumers: tuple[str, ...]) -> list[str]:
