@@ -225,6 +225,48 @@ def test_grouped_bert_exports_to_integer_matmuls_that_onnxruntime_runs(tmp_path)
     groups = sum(q.num_groups for q in state.activations.values() if isinstance(q, GroupedQuantizer))
     # every group of every grouped linear, plus the attention-output linears and the 2 attention matmuls per layer
     assert integer >= groups + 2 * 3, ops
+    # each input is permuted into group order once, on axis 0 (whole rows), shared by the linears
+    # that read it with the same groups (Q, K, V); then one Slice (fused into a Split) per group
+    import onnx
+
+    from purecomp.export.check import _session
+
+    _session(path, True, tmp_path / "optimized.onnx")
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    permutations = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in producer
+                    and producer[n.input[0]].op_type == "Transpose"]
+    from purecomp.transforms.quantize.placement import source_of
+
+    traced = pct.trace_transformer(model, batch)
+    orders = {(source_of(traced, traced.node(key.rpartition(":")[0]).inputs[0]).key,
+               tuple(c for members in q.members() for c in members))
+              for key, q in state.activations.items() if isinstance(q, GroupedQuantizer)}
+    assert len(permutations) == 3 * 2 == len(orders), [n.input for n in permutations]
+    assert all(a.i == 0 for n in permutations for a in n.attribute if a.name == "axis")
+    others = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in producer and n not in permutations]
+    assert len(others) == 1, others  # the pooler's first token; the other Gathers read the embedding tables
+    assert ops["DequantizeLinear"] <= 3, ops  # the pooler's input and weight: none feeds an Add
+
+
+def test_grouped_linear_applies_the_output_quantizer_to_the_whole_sum():
+    """The linear's output quantizer (``<scope>/linear#0:out0``) moves into the ``GroupedLinear``:
+    left at its site, it would quantize the first group's term only."""
+    from purecomp import apply, trace
+    from purecomp.export import materialize
+    from purecomp.export.grouped_linear import GroupedLinear
+    from purecomp.integrations import transformers as pct
+
+    model, method, params, state, batch = _grouped_bert()
+    args = pct.positional_inputs(model, batch)
+    module = materialize(model, method, params, state, graph=trace(model, args))
+    query = module.model.get_submodule("encoder.layer.0.attention.self.query")
+    assert isinstance(query, GroupedLinear) and query.output is not None
+    assert "encoder.layer.0.attention.self.query/linear#0:out0" not in module.site_keys
+    with torch.no_grad():
+        out = module(*args).last_hidden_state
+        expected = apply(model, method, params, state, *args).last_hidden_state
+    assert float((out - expected).abs().max()) <= 1e-4
 
 
 def test_grouped_scopes_must_feed_linears_and_match_something():

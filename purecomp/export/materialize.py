@@ -32,7 +32,7 @@ from purecomp.transforms.quantize import AsymmetricQuantizer, QuantizationState,
 from purecomp.transforms.quantize.grouped import GroupedQuantizer
 
 from .embedding import replace_quantized_embeddings
-from .grouped_linear import split_grouped_linear
+from .grouped_linear import output_key, split_grouped_linear
 from .pruning import prune_channels, slice_quantizer
 from .qdq_ops import container_for
 
@@ -252,17 +252,20 @@ def materialize(
     if graph is not None:
         remap = fold_batchnorms(copy_model, graph, {**weights, **{name: BinarizedWeight() for name in binarized}})
     quantizers: dict[str, nn.Module] = dict(binarizers)
+    grouped: dict[str, GroupedQuantizer] = {}
     for key, quantizer in (qstate.activations.items() if qstate else []):
         if isinstance(quantizer, GroupedQuantizer):
             if pstate is not None:
                 raise StateError("materialize does not combine filter pruning with grouped quantizers")
-            split_grouped_linear(copy_model, key, quantizer, graph)
+            grouped[key] = quantizer
             continue
         scale, zero_point, qmin, qmax = integer_grid(quantizer)
         quantizers[remap.get(key, key)] = QuantizeDequantize(scale, zero_point, qmin, qmax)
         if graph is not None:
             for site in _requantized_inputs(graph, key, qstate.consumers_of(key)):
                 quantizers[site] = QuantizeDequantize(scale, zero_point, qmin, qmax)
+    for key, quantizer in grouped.items():
+        split_grouped_linear(copy_model, key, quantizer, graph, output=quantizers.pop(output_key(key), None))
     replace_quantized_embeddings(copy_model, keep=_scopes_with_sites(quantizers, "embedding"))
     for p in copy_model.parameters():
         p.requires_grad_(False)
