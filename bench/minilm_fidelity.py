@@ -23,6 +23,7 @@ the inputs of the feed-forward linears in float (``FFN_SCOPES``). Reported on th
 
     python bench/minilm_fidelity.py [--num-eval N] [--num-calib N] [--split eval|dev]
                                     [--variants ...] [--no-latency] [--no-fidelity] [--repeats N]
+                                    [--threads N]
 """
 
 from __future__ import annotations
@@ -225,11 +226,13 @@ def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_nam
 
 
 def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
-            variants: Sequence[str] = (DEFAULT_VARIANT,)) -> list[dict[str, Any]]:
+            variants: Sequence[str] = (DEFAULT_VARIANT,), threads: int = 0) -> list[dict[str, Any]]:
     """Median ms of FP32 ONNX vs each INT8 variant's ONNX in onnxruntime, batch 1, sequence 128.
 
     All sessions run in turn within each repetition (the order rotating), so load changes on
-    the machine hit them alike; ``speedup`` is the FP32 median over the INT8 median."""
+    the machine hit them alike; ``speedup`` is the FP32 median over the INT8 median. ``threads``:
+    onnxruntime's intra-op threads (0: its default, one per physical core; pinned to fewer cores
+    than that, e.g. with taskset, the threads contend and each node pays for it)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -247,6 +250,7 @@ def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
             paths[variant] = pc.export.to_onnx(model, method, params, state, args, Path(tmp) / f"{variant}.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
         sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                     for name, p in paths.items()}
         feeds = {name: {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)} for name, s in sessions.items()}
@@ -269,7 +273,7 @@ def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
         results.append({"variant": variant, "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
                         "fp32_mib": sizes["fp32"], "int8_mib": sizes[variant],
                         "ort_cosine_fp32_vs_int8": float((e32 * e8).sum()), "repeats": repeats,
-                        "ort_threads": "default (all cores)", "cpu_count": os.cpu_count(),
+                        "ort_threads": threads or "default (all cores)", "cpu_count": os.cpu_count(),
                         "load_average": os.getloadavg()[0]})
     return results
 
@@ -282,6 +286,7 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--no-fidelity", action="store_true")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     sets = split(stdlib_sentences())
@@ -290,7 +295,7 @@ def main() -> None:
         for result in fidelity(args.num_eval, args.num_calib, args.split, variants=args.variants):
             print(json.dumps(result.as_dict()), flush=True)
     if not args.no_latency:
-        for row in latency(args.num_calib, args.repeats, variants=args.variants):
+        for row in latency(args.num_calib, args.repeats, variants=args.variants, threads=args.threads):
             print(json.dumps(row), flush=True)
 
 
