@@ -198,6 +198,10 @@ class CompressionConfig:
     def trace(self, model: nn.Module) -> ModelGraph:
         """Trace ``model`` on inputs from ``input_info``; raise ``InputInfoError`` when they do not fit."""
         args, kwargs = self.example_inputs()
+        device = _model_device(model)
+        if device.type != "cpu":  # the inputs go where the model is, as NNCF's dummy inputs do
+            args = tuple(a.to(device) for a in args)
+            kwargs = {k: v.to(device) for k, v in kwargs.items()}
         was_training = model.training
         model.eval()  # input_info usually has batch 1, which training-mode BatchNorm refuses
         try:
@@ -210,6 +214,13 @@ class CompressionConfig:
             ) from exc
         finally:
             model.train(was_training)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:

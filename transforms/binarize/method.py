@@ -141,10 +141,11 @@ def binarization(
         weights = tuple(dict.fromkeys(node.inputs[1].name for node in convs))
         keys = [f"{node.site}:in0" for node in convs]
         scales = calibrate_scales(graph, params, keys, data, num_init_samples)
+        device = params[weights[0]].device  # the binarizers live where the model does
         binarizers = {
             f"{node.site}:in0": ActivationBinarizer(
-                torch.tensor([math.log(scales[f"{node.site}:in0"])], requires_grad=True),
-                torch.zeros(node.input_info[0].shape[1], requires_grad=True),
+                torch.tensor([math.log(scales[f"{node.site}:in0"])], device=device, requires_grad=True),
+                torch.zeros(node.input_info[0].shape[1], device=device, requires_grad=True),
             )
             for node in convs
         }

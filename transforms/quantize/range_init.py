@@ -45,8 +45,8 @@ class TensorStatistics:
     def __init__(self) -> None:
         self.mins: list[Tensor] = []
         self.maxs: list[Tensor] = []
-        self.total = torch.zeros((), dtype=torch.float64)
-        self.total_sq = torch.zeros((), dtype=torch.float64)
+        self.total: Tensor | float = 0.0  # becomes a float64 tensor on the data's device
+        self.total_sq: Tensor | float = 0.0
         self.count = 0
         self.samples: list[Tensor] = []
 
@@ -88,7 +88,8 @@ def _three_sigma(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
 
 
 def _quantiles(values: Tensor, init: RangeInit) -> tuple[Tensor, Tensor]:
-    q = torch.tensor([init.min_percentile / 100, init.max_percentile / 100], dtype=torch.float64)
+    q = torch.tensor([init.min_percentile / 100, init.max_percentile / 100], dtype=torch.float64,
+                     device=values.device)
     lo, hi = torch.quantile(values.double(), q)
     return lo.float(), hi.float()
 

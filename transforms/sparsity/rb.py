@@ -81,7 +81,7 @@ def sample_gates(state: RBSparsityState) -> dict[str, Tensor]:
     step = int(state.step_count)
     out = {}
     for k, (name, s) in enumerate(state.logits.items()):
-        u = _uniform(s.shape, state.seed, step, k).to(s.dtype)
+        u = _uniform(s.shape, state.seed, step, k).to(device=s.device, dtype=s.dtype)  # drawn on the CPU: same on every device
         soft = torch.sigmoid(s + torch.log(u) - torch.log1p(-u))
         out[name] = soft + ((soft > 0.5).to(soft.dtype) - soft).detach()
     return out
