@@ -1,6 +1,6 @@
 """One training step (forward, backward, SGD) FP32 vs purecomp INT8 QAT, alternated in one process.
 
-    python bench/qat_step.py [--models resnet18 mobilenet_v2] [--repeats 15] [--threads 2]
+    python bench/qat_step.py [--models resnet18 mobilenet_v2] [--repeats 15] [--threads 2] [--device cpu|cuda]
 
 Prints the median step time of each and the ratio QAT / FP32 (target <= 1.3).
 """
@@ -46,12 +46,17 @@ def qat_step(model, x, y):
     return step, state
 
 
-def measure(name: str, repeats: int, batch: int) -> tuple[float, float, str]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, repeats: int, batch: int, device: torch.device) -> tuple[float, float, str]:
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 64, 64)
-    y = torch.randint(0, 10, (batch,))
-    model_a = getattr(torchvision.models, name)(weights=None, num_classes=10).train()
-    model_b = getattr(torchvision.models, name)(weights=None, num_classes=10).train()
+    x = torch.randn(batch, 3, 64, 64, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    model_a = getattr(torchvision.models, name)(weights=None, num_classes=10).train().to(device)
+    model_b = getattr(torchvision.models, name)(weights=None, num_classes=10).train().to(device)
     model_b.load_state_dict(model_a.state_dict())
     a = fp32_step(model_a, x, y)
     b, state = qat_step(model_b, x, y)
@@ -64,8 +69,10 @@ def measure(name: str, repeats: int, batch: int) -> tuple[float, float, str]:
     times_a, times_b = [], []
     for _ in range(repeats):
         for fn, sink in ((a, times_a), (b, times_b)):
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             sink.append(time.perf_counter() - start)
     return statistics.median(times_a), statistics.median(times_b), path
 
@@ -76,12 +83,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x64x64, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {args.threads} threads, device {device}, batch {args.batch}x3x64x64, "
+          f"median of {args.repeats}")
     print(f"{'model':<16}{'FP32 ms':>10}{'QAT ms':>10}{'QAT/FP32':>10}  op path")
     for name in args.models:
-        fp32, qat, path = measure(name, args.repeats, args.batch)
+        fp32, qat, path = measure(name, args.repeats, args.batch, device)
         print(f"{name:<16}{fp32 * 1e3:>10.1f}{qat * 1e3:>10.1f}{qat / fp32:>10.2f}  {path}")
 
 

@@ -6,10 +6,13 @@ build fails these tests (``build_cuda.ensure_cuda_built`` is asserted, not skipp
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from purecomp.ops import (
     asymmetric_levels,
@@ -33,6 +36,7 @@ if not torch.cuda.is_available():
 
 P = torch.ops.purecomp
 CUDA = torch.device("cuda")
+CHECKED_DEVICE = "cuda"  # CompareWithCpuKernels checks the calls made on this device type
 CASES = settings(deadline=None, max_examples=80)
 REDUCED = (torch.float16, torch.bfloat16)
 
@@ -263,3 +267,63 @@ def test_opcheck_on_cuda(kind):
         fwd, bwd = P.fake_quantize_asymmetric.default, P.fake_quantize_asymmetric_backward.default
     torch.library.opcheck(fwd, (x.clone().requires_grad_(), *[p.clone().requires_grad_() for p in params], *static))
     torch.library.opcheck(bwd, (g, x, *params, *static))
+
+
+# ----------------------------------------------------------------- a real model on the GPU
+
+
+class CompareWithCpuKernels(TorchDispatchMode):
+    """Runs every ``purecomp::`` op call a second time on CPU copies of its inputs (the CPU
+    kernels) and checks the GPU result: forward outputs and grad_x bit for bit, parameter
+    gradients to float tolerance. ``calls`` counts the checked calls per op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        on_device = any(isinstance(a, torch.Tensor) and a.device.type == CHECKED_DEVICE for a in args)
+        if func.namespace == "purecomp" and on_device:
+            cpu = func(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+            name = func.__name__.split(".")[0]
+            self.calls[name] += 1
+            if name.endswith("_backward"):
+                assert_bit_equal(out[0], cpu[0])
+                for a, b in zip(out[1:], cpu[1:]):
+                    assert_param_grad_close(a, b, args[0])
+            else:
+                assert_bit_equal(out, cpu)
+        return out
+
+
+def qat_step_checked_against_cpu(arch: str, device: torch.device) -> CompareWithCpuKernels:
+    """One INT8 QAT forward and backward of a torchvision model on ``device``, every fake-quantize
+    call compared with the CPU kernels on the same inputs."""
+    import torchvision
+
+    import purecomp as pc
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10).to(device).train()
+    x, y = torch.randn(4, 3, 64, 64, device=device), torch.randint(0, 10, (4,), device=device)
+    method = pc.quantization(weights=dict(per_channel=True), activations=dict(mode="asymmetric"))
+    params = dict(model.named_parameters())
+    state = method.init(pc.trace(model, (x,)), params, [x])
+    compare = CompareWithCpuKernels()
+    with record_paths() as paths, compare:
+        loss = torch.nn.functional.cross_entropy(pc.apply(model, method, params, state, x), y)
+        loss.backward()
+    assert set(paths) == {device.type if device.type == "cuda" else "cpp"}
+    assert torch.isfinite(loss)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in pc.trainable(state))
+    return compare
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_qat_step_on_cuda_model_matches_the_cpu_kernels_call_by_call(arch):
+    compare = qat_step_checked_against_cpu(arch, CUDA)
+    assert compare.calls["fake_quantize_symmetric"] > 0 and compare.calls["fake_quantize_asymmetric"] > 0
+    assert compare.calls["fake_quantize_symmetric_backward"] == compare.calls["fake_quantize_symmetric"]
+    assert compare.calls["fake_quantize_asymmetric_backward"] == compare.calls["fake_quantize_asymmetric"]
