@@ -222,27 +222,38 @@ def test_grouped_bert_exports_to_integer_matmuls_that_onnxruntime_runs(tmp_path)
     assert result.max_steps <= 1.0 + 1e-4 and result.fused_max_steps <= 1.0 + 1e-4, result
     ops = fused_op_counts(path)
     integer = sum(ops[k] for k in ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger"))
-    groups = sum(q.num_groups for q in state.activations.values() if isinstance(q, GroupedQuantizer))
-    # every group of every grouped linear, plus the attention-output linears and the 2 attention matmuls per layer
-    assert integer >= groups + 2 * 3, ops
+    from purecomp import trace
+    from purecomp.export import materialize
+    from purecomp.export.grouped_linear import GroupedLinear, blocks
+
+    module = materialize(model, method, params, state, graph=trace(model, args))
+    linears = {name: m for name, m in module.model.named_modules() if isinstance(m, GroupedLinear)}
+    integer_blocks = sum(len(blocks([len(c) for c in q.members()])[0])
+                         for q in state.activations.values() if isinstance(q, GroupedQuantizer))
+    # an integer matmul per large group of every grouped linear, plus the attention-output linears
+    # and the 2 attention matmuls per layer
+    assert integer >= integer_blocks + 2 * 3, ops
     # each input is permuted into group order once, on axis 0 (whole rows), shared by the linears
-    # that read it with the same groups (Q, K, V); then one Slice (fused into a Split) per group
+    # that read it with the same groups (Q, K, V); then one Slice (fused into a Split) per block.
+    # The FFN output linear reads GELU(intermediate) in group order: no permutation at all
     import onnx
 
     from purecomp.export.check import _session
+    from purecomp.transforms.quantize.placement import source_of
 
+    assert {name for name, m in linears.items() if m.input_in_order} == {
+        f"encoder.layer.{i}.output.dense" for i in range(2)}
     _session(path, True, tmp_path / "optimized.onnx")
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     producer = {out: n for n in graph.node for out in n.output}
     permutations = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in producer
                     and producer[n.input[0]].op_type == "Transpose"]
-    from purecomp.transforms.quantize.placement import source_of
-
     traced = pct.trace_transformer(model, batch)
     orders = {(source_of(traced, traced.node(key.rpartition(":")[0]).inputs[0]).key,
                tuple(c for members in q.members() for c in members))
-              for key, q in state.activations.items() if isinstance(q, GroupedQuantizer)}
-    assert len(permutations) == 3 * 2 == len(orders), [n.input for n in permutations]
+              for key, q in state.activations.items()
+              if isinstance(q, GroupedQuantizer) and not linears[key.partition("/")[0]].input_in_order}
+    assert len(permutations) == 2 * 2 == len(orders), [n.input for n in permutations]
     assert all(a.i == 0 for n in permutations for a in n.attribute if a.name == "axis")
     others = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in producer and n not in permutations]
     assert len(others) == 1, others  # the pooler's first token; the other Gathers read the embedding tables

@@ -16,6 +16,8 @@ linear's output quantizer (if any) on the sum.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -26,19 +28,66 @@ from purecomp.graph import ModelGraph
 from purecomp.intercept import split_site
 from purecomp.transforms.quantize.grouped import GroupedQuantizer
 
+from .channel_order import permutable_producer, permute_output_rows
+
+MIN_INTEGER_CHANNELS = 32
+"""Groups with fewer channels (but the largest) are computed together in one float matmul."""
+
+
+class ChannelQuantizeDequantize(nn.Module):
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with one ``s``, ``z`` per channel of the last axis.
+
+    Written in plain arithmetic, not QuantizeLinear/DequantizeLinear: onnxruntime 1.31 fuses a
+    per-channel activation DequantizeLinear -> MatMul into ``MatMulIntegerToFloat``, which then
+    refuses to run ("Per-Channel is not supported yet").
+    """
+
+    def __init__(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.reshape(-1).float())
+        self.register_buffer("zero_point", zero_point.reshape(-1).float())
+        self.qmin, self.qmax = qmin, qmax
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+
+def blocks(sizes: list[int], min_integer_channels: int = MIN_INTEGER_CHANNELS) -> tuple[list[int], list[int]]:
+    """``(integer, merged)`` group indices: the largest group and every group of at least
+    ``min_integer_channels`` channels get an integer matmul each; the others share one float matmul.
+
+    An integer matmul costs about as much for 2 input channels as for 300 (its cost is in writing
+    the output, and the Add after it), so tiny outlier groups are cheaper in one float matmul.
+    """
+    largest = max(range(len(sizes)), key=lambda k: sizes[k])
+    integer = [k for k, n in enumerate(sizes) if k == largest or n >= min_integer_channels]
+    return integer, [k for k in range(len(sizes)) if k not in integer]
+
 
 class GroupedLinear(nn.Module):
-    """``out(sum_k parts[k](qdq[k](x_P[..., slice_k])) + bias)``; ``x_P`` is ``x`` in group order."""
+    """``out(sum_b parts[b](qdq[b](x_P[..., slice_b])) + bias)``; ``x_P`` is ``x`` in block order.
 
-    def __init__(self, linear: nn.Linear, quantizer: GroupedQuantizer, output: nn.Module | None = None) -> None:
+    Block ``b`` is one group quantized per tensor (an integer matmul in onnxruntime), or, last, the
+    merged small groups quantized per channel (each channel with its group's scale and zero point:
+    the same values), whose matmul runs in float.
+    """
+
+    def __init__(self, linear: nn.Linear, quantizer: GroupedQuantizer, output: nn.Module | None = None,
+                 min_integer_channels: int = MIN_INTEGER_CHANNELS) -> None:
         from .materialize import Dequantize, QuantizeDequantize, integer_grid
 
         super().__init__()
         scale, zero_point, qmin, qmax = integer_grid(quantizer)
         members = quantizer.members()
-        self.register_buffer("order", _index([c for channels in members for c in channels]))
-        self.sizes = [len(channels) for channels in members]
-        self.qdq = nn.ModuleList(QuantizeDequantize(scale[k], zero_point[k], qmin, qmax) for k in range(len(members)))
+        integer, merged = blocks([len(c) for c in members], min_integer_channels)
+        order = [c for k in integer + merged for c in members[k]]
+        self.register_buffer("order", _index(order))
+        self.sizes = [len(members[k]) for k in integer] + ([sum(len(members[k]) for k in merged)] if merged else [])
+        self.qdq = nn.ModuleList(QuantizeDequantize(scale[k], zero_point[k], qmin, qmax) for k in integer)
+        if merged:
+            group = _index([k for k in merged for _ in members[k]])
+            self.qdq.append(ChannelQuantizeDequantize(scale[group], zero_point[group], qmin, qmax))
         self.parts = nn.ModuleList()
         quantized = parametrize.is_parametrized(linear, "weight")
         if quantized:
@@ -48,9 +97,11 @@ class GroupedLinear(nn.Module):
             columns = linear.parametrizations.weight.original[:, self.order]
         else:
             columns = linear.weight.detach()[:, self.order]
-        for part_columns in columns.split(self.sizes, dim=1):
+        for b, part_columns in enumerate(columns.split(self.sizes, dim=1)):
             part = nn.Linear(part_columns.shape[1], linear.out_features, bias=False)
-            if quantized:
+            if quantized and b == len(integer):  # the float block: store its weights dequantized (same values)
+                part.weight = nn.Parameter(Dequantize(dq.scale, dq.zero_point, 0)(part_columns), requires_grad=False)
+            elif quantized:
                 parametrize.register_parametrization(part, "weight", Dequantize(dq.scale, dq.zero_point, 0), unsafe=True)
                 part.parametrizations.weight.original = nn.Parameter(part_columns.contiguous(), requires_grad=False)
             else:
@@ -58,9 +109,10 @@ class GroupedLinear(nn.Module):
             self.parts.append(part)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.output = output
+        self.input_in_order = False  # True once the producer emits its channels in ``order``
 
     def forward(self, x: Tensor) -> Tensor:
-        permuted = x.movedim(-1, 0).index_select(0, self.order).movedim(0, -1)
+        permuted = x if self.input_in_order else x.movedim(-1, 0).index_select(0, self.order).movedim(0, -1)
         out, offset = None, 0
         for size, qdq, part in zip(self.sizes, self.qdq, self.parts):
             term = F.linear(qdq(permuted.narrow(-1, offset, size)), part.weight)
@@ -81,11 +133,12 @@ def output_key(key: str) -> str:
 
 
 def split_grouped_linear(model: nn.Module, key: str, quantizer: GroupedQuantizer, graph: ModelGraph | None = None,
-                         output: nn.Module | None = None) -> None:
+                         output: nn.Module | None = None, sites: Collection[str] = ()) -> None:
     """Replace the ``nn.Linear`` whose input quantizer is ``key`` (``<scope>/linear#0:in0``) by a
     ``GroupedLinear`` (in place) that applies ``output`` (the quantizer at ``output_key(key)``) to the
     whole sum. Raises ``StateError`` for any other kind of site, or when ``graph`` shows the module
-    called more than once."""
+    called more than once. With ``graph``, when the input is ``f(L1(x))`` (``channel_order``), the
+    permutation moves into ``L1``'s rows; ``sites``: the keys of all activation transforms."""
     site, _, port = key.rpartition(":")
     scope, kind, index = split_site(site) if site else ("", "", -1)
     if port != "in0" or kind != "linear" or index != 0 or not scope:
@@ -99,4 +152,8 @@ def split_grouped_linear(model: nn.Module, key: str, quantizer: GroupedQuantizer
                          f"{len(quantizer.groups)} input features")
     if graph is not None and graph.has_site(f"{scope}/linear#1"):
         raise StateError(f"cannot export the grouped quantizer {key!r}: {scope} is called more than once")
-    setattr(parent, attr, GroupedLinear(linear, quantizer, output))
+    grouped = GroupedLinear(linear, quantizer, output)
+    setattr(parent, attr, grouped)
+    producer = permutable_producer(graph, site, sites) if graph is not None else None
+    if producer is not None and permute_output_rows(model, producer, grouped.order):
+        grouped.input_in_order = True

@@ -264,8 +264,9 @@ def materialize(
         if graph is not None:
             for site in _requantized_inputs(graph, key, qstate.consumers_of(key)):
                 quantizers[site] = QuantizeDequantize(scale, zero_point, qmin, qmax)
+    sites = set(quantizers)
     for key, quantizer in grouped.items():
-        split_grouped_linear(copy_model, key, quantizer, graph, output=quantizers.pop(output_key(key), None))
+        split_grouped_linear(copy_model, key, quantizer, graph, output=quantizers.pop(output_key(key), None), sites=sites)
     replace_quantized_embeddings(copy_model, keep=_scopes_with_sites(quantizers, "embedding"))
     for p in copy_model.parameters():
         p.requires_grad_(False)
