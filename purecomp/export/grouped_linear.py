@@ -35,22 +35,23 @@ MIN_INTEGER_CHANNELS = 32
 
 
 class ChannelQuantizeDequantize(nn.Module):
-    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with one ``s``, ``z`` per channel of the last axis.
+    """``purecomp::qdq`` over the last axis with one scale and zero point per channel
+    (``(clamp(round(x / s_c) + z_c, qmin, qmax) - z_c) * s_c``).
 
-    Written in plain arithmetic, not QuantizeLinear/DequantizeLinear: onnxruntime 1.31 fuses a
-    per-channel activation DequantizeLinear -> MatMul into ``MatMulIntegerToFloat``, which then
-    refuses to run ("Per-Channel is not supported yet").
+    Only for the float block, whose weights are stored dequantized: onnxruntime 1.31 fuses a
+    per-channel activation DequantizeLinear -> MatMul <- DequantizeLinear (weights) into
+    ``MatMulIntegerToFloat`` and then refuses to run it ("Per-Channel is not supported yet");
+    with float weights it leaves the MatMul in float.
     """
 
     def __init__(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> None:
         super().__init__()
         self.register_buffer("scale", scale.reshape(-1).float())
-        self.register_buffer("zero_point", zero_point.reshape(-1).float())
+        self.register_buffer("zero_point", zero_point.reshape(-1))
         self.qmin, self.qmax = qmin, qmax
 
     def forward(self, x: Tensor) -> Tensor:
-        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
-        return (q - self.zero_point) * self.scale
+        return torch.ops.purecomp.qdq(x, self.scale, self.zero_point, self.qmin, self.qmax, x.dim() - 1)
 
 
 def blocks(sizes: list[int], min_integer_channels: int = MIN_INTEGER_CHANNELS) -> tuple[list[int], list[int]]:
