@@ -30,8 +30,8 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 LIBRARY_NAME = "purecomp_ops"
 
 
-class _State:
-    """Outcome of the one build attempt of this process."""
+class BuildState:
+    """Outcome of the one build attempt of this process (one per library)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -40,7 +40,7 @@ class _State:
         self.error: BaseException | None = None
 
 
-_state = _State()
+_state = BuildState()
 
 # ``PURECOMP_OPS`` is read at every call. ``os.environ.get`` encodes the key and decodes the value
 # (about a microsecond); the router reads the mapping's own store instead when it can, which
@@ -113,23 +113,23 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def _compile_and_load() -> None:
-    """Build (if not cached) and load the library, then register its Python-side kernels."""
+def load_library(name: str, directory: Path, announce: str, sources: list[Path], **flags: list[str]) -> None:
+    """Compile ``sources`` into the extension library ``name`` in ``directory`` (unless it is
+    cached there, else logging ``announce`` first) and load it; ``flags`` go to
+    ``torch.utils.cpp_extension.load``."""
     from torch.utils import cpp_extension
 
-    directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / f"{LIBRARY_NAME}.so").exists():
-        logger.warning("building purecomp C++ ops (first use, ~1 min)...")
-    cpp_extension.load(
-        name=LIBRARY_NAME,
-        sources=[str(p) for p in sources()],
-        extra_cflags=cflags(),
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    if not (directory / f"{name}.so").exists():
+        logger.warning(announce)
+    cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(directory),
+                       is_python_module=False, verbose=False, **flags)
+
+
+def _compile_and_load() -> None:
+    """Build (if not cached) and load the library, then register its Python-side kernels."""
+    load_library(LIBRARY_NAME, build_directory(), "building purecomp C++ ops (first use, ~1 min)...", sources(),
+                 extra_cflags=cflags(), extra_ldflags=["-fopenmp"])
     from . import _registration  # noqa: F401  (fake kernels and vmap rules)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from pathlib import Path
 
 import torch
@@ -28,15 +27,7 @@ LIBRARY_NAME = "purecomp_ops_cuda"
 CUDA_CSRC = build.CSRC / "cuda"
 
 
-class _State:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.attempted = False
-        self.available = False
-        self.error: BaseException | None = None
-
-
-_state = _State()
+_state = build.BuildState()
 
 
 def sources() -> list[Path]:
@@ -73,21 +64,8 @@ def build_directory() -> Path:
 
 
 def _compile_and_load() -> None:
-    from torch.utils import cpp_extension
-
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / f"{LIBRARY_NAME}.so").exists():
-        logger.warning("building purecomp CUDA kernels (first use, ~1-2 min)...")
-    cpp_extension.load(
-        name=LIBRARY_NAME,
-        sources=[str(p) for p in sources()],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=cuda_cflags(),
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    build.load_library(LIBRARY_NAME, build_directory(), "building purecomp CUDA kernels (first use, ~1-2 min)...",
+                       sources(), extra_cflags=["-O3"], extra_cuda_cflags=cuda_cflags())
 
 
 def ensure_cuda_built() -> bool:

@@ -767,7 +767,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     def broken() -> None:
         raise OSError("no C++ compiler found")
 
-    monkeypatch.setattr(build, "_state", build._State())
+    monkeypatch.setattr(build, "_state", build.BuildState())
     monkeypatch.setattr(build, "_compile_and_load", broken)
     monkeypatch.setenv("PURECOMP_OPS", "auto")
     with caplog.at_level(logging.WARNING, logger=build.__name__), record_paths() as paths:
