@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from purecomp.apply import call_with_sites
-from purecomp.compression import Compression, Progress, _compose_sites
-from purecomp.data import take_samples
+from purecomp.calibration import run_observers
+from purecomp.compression import Compression, Progress
 from purecomp.errors import CalibrationError, ConfigError
 from purecomp.graph import ModelGraph, OpNode
 from purecomp.struct import replace, static_field, struct
@@ -82,20 +81,7 @@ def calibrate_scales(
 
         return observe
 
-    prior_sites: dict = {}
-    if graph.prior is not None:
-        params = graph.prior.method.params(params, graph.prior.state)
-        prior_sites = graph.prior.method.sites(graph.prior.state)
-    sites = _compose_sites([prior_sites, {key: observer(key) for key in keys}])
-    model = graph.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for args, kwargs in take_samples(data, num_samples, "binarization init"):
-                call_with_sites(model, params, sites, args, kwargs)
-    finally:
-        model.train(was_training)
+    run_observers(graph, params, {key: observer(key) for key in keys}, data, num_samples, "binarization init")
     scales = {}
     for key, values in seen.items():
         if not values:

@@ -8,12 +8,10 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from purecomp.apply import call_with_sites
-from purecomp.compression import Compression, _compose_sites
-from purecomp.data import take_samples
+from purecomp.calibration import run_observers
+from purecomp.compression import Compression
 from purecomp.errors import ConfigError, ScopeError
 from purecomp.graph import ModelGraph, TensorRef
 
@@ -130,18 +128,5 @@ def _channel_statistics(
 
         return observe
 
-    prior_sites: dict = {}
-    if graph.prior is not None:
-        params = graph.prior.method.params(params, graph.prior.state)
-        prior_sites = graph.prior.method.sites(graph.prior.state)
-    sites = _compose_sites([prior_sites, {key: observer(key) for key in keys}])
-    model = graph.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for args, kwargs in take_samples(data, init.num_init_samples, "grouped range init"):
-                call_with_sites(model, params, sites, args, kwargs)
-    finally:
-        model.train(was_training)
+    run_observers(graph, params, {key: observer(key) for key in keys}, data, init.num_init_samples, "grouped range init")
     return stats

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from purecomp.apply import call_with_sites
-from purecomp.compression import Compression, Progress, _compose_sites
-from purecomp.data import take_samples
+from purecomp.calibration import run_observers
+from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, QuantizerRangeError
 from purecomp.graph import ModelGraph
 from purecomp.ops.levels import check_bits
@@ -103,20 +102,7 @@ def _collect_statistics(
         return observe
 
     observers = {key: observer(key) for key in keys}
-    prior_sites: dict = {}
-    if graph.prior is not None:
-        params = graph.prior.method.params(params, graph.prior.state)
-        prior_sites = graph.prior.method.sites(graph.prior.state)
-    sites = _compose_sites([prior_sites, observers])
-    model = graph.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for args, kwargs in take_samples(data, init.num_init_samples, "range init"):
-                call_with_sites(model, params, sites, args, kwargs)
-    finally:
-        model.train(was_training)
+    run_observers(graph, params, observers, data, init.num_init_samples, "range init")
     return stats
 
 
