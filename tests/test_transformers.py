@@ -285,9 +285,7 @@ def test_minilm_int8_fidelity_on_stdlib_sentences():
     print(json.dumps(result.as_dict(), indent=1))
     assert result.num_eval == 500
     assert result.mean_cosine >= 0.99, result
-    # Issue 12 asks for 95% top-1 agreement. The default variant (int8-grouped) gives 95.6% on the
-    # full 1,874-sentence evaluation set (docs/transformers.md): met, but with less than one point
-    # of margin, and top-1 agreement moves by about +-1.5 points between settings of equal mean
-    # cosine on the dev sentences. So this stays a regression guard below the measured value
-    # (these 500 sentences with 64 calibration sentences: mean 0.9986, top-1 97.6%).
-    assert result.top1_agreement >= 0.93, result
+    # Issue 12's targets. These 500 sentences (64 calibration sentences) measured mean 0.9986 and
+    # top-1 97.6%: 13 sentences above the bar. The full 1,874-sentence evaluation set gives 95.6%
+    # (docs/transformers.md).
+    assert result.top1_agreement >= 0.95, result
