@@ -10,6 +10,7 @@ import random
 import sys
 from pathlib import Path
 
+import optree
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -195,6 +196,40 @@ def trainer_for(tmp_path, config, steps=6, **kwargs):
         model=model, args=args, train_dataset=Sentiment(tok, 64, seed=0), processing_class=tok,
         data_collator=transformers.DataCollatorWithPadding(tok), compression_config=config, **kwargs,
     )
+
+
+def test_trainer_with_grouped_and_float_inputs_saves_and_restores_them(tmp_path):
+    """grouped_activation_scopes / float_activation_scopes through CompressionTrainer: the
+    quantizers are placed, trained, written with the state, and a load (or a trainer given the
+    saved state) rebuilds the same method without being told the options again."""
+    from purecomp.transforms.quantize.grouped import GroupedQuantizer
+
+    grouped_only = [p for p in pct.GROUPED_SCOPES if p not in pct.FFN_SCOPES]  # Q, K, V
+    trainer = trainer_for(tmp_path, {"compression": [INT8]}, steps=2, grouped_activation_scopes=grouped_only,
+                          num_groups=2, float_activation_scopes=pct.FFN_SCOPES)
+    ctrl = trainer.compression_ctrl
+    assert ctrl.activation_options == pct.ActivationOptions(tuple(pct.FFN_SCOPES), tuple(grouped_only), 2)
+    leaves = optree.tree_leaves(ctrl.state, is_leaf=lambda n: isinstance(n, GroupedQuantizer),
+                                namespace=pc.struct.NAMESPACE)
+    grouped = [q for q in leaves if isinstance(q, GroupedQuantizer)]
+    assert len(grouped) == 3 * 2  # Q, K, V of each of the 2 layers
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    batch = dict(trainer._trace_batch)
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(str(out))
+    ctrl2, module2 = pct.load_compressed_transformer(fresh, out)
+    assert ctrl2.activation_options == ctrl.activation_options
+    with torch.no_grad():
+        assert torch.equal(module2.eval()(**batch).logits, expected)
+    resumed = trainer_for(tmp_path / "again", {"compression": [INT8]}, steps=1, compression_state=str(out))
+    assert resumed.compression_ctrl.activation_options == ctrl.activation_options
+    with pytest.raises(pc.errors.ConfigError, match="activation options"):
+        trainer_for(tmp_path / "other", {"compression": [INT8]}, steps=1, compression_state=str(out),
+                    grouped_activation_scopes=grouped_only, num_groups=3)
 
 
 @pytest.mark.parametrize("sections", [[INT8], [SPARSE50, INT8]], ids=["int8", "int8+sparsity50"])

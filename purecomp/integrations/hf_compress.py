@@ -104,6 +104,36 @@ def trace_transformer(model: nn.Module, batch: Mapping[str, Any]) -> ModelGraph:
         model.train(was_training)
 
 
+@dataclasses.dataclass(frozen=True)
+class ActivationOptions:
+    """Where activations leave the plain per-tensor INT8 of the config: inputs of the linears in
+    ``float_scopes`` stay float (``float_activations``); inputs of the linears in
+    ``grouped_scopes`` get per-embedding-group quantizers with up to ``num_groups`` groups
+    (``grouped_activations``). Saved with the compression state, so a load rebuilds the same
+    method."""
+
+    float_scopes: tuple[str, ...] = ()
+    grouped_scopes: tuple[str, ...] = ()
+    num_groups: int = NUM_GROUPS
+
+    def apply(self, method: Compression, range_samples: int) -> Compression:
+        """``method`` with the grouped quantizers (``min_max`` ranges on ``range_samples``
+        calibration samples), then the float inputs."""
+        if self.grouped_scopes:
+            method = grouped_activations(method, self.grouped_scopes, self.num_groups,
+                                         RangeInit(type="min_max", num_init_samples=range_samples))
+        return float_activations(method, self.float_scopes) if self.float_scopes else method
+
+    def as_json(self) -> str:
+        return json.dumps({"float_scopes": list(self.float_scopes), "grouped_scopes": list(self.grouped_scopes),
+                           "num_groups": self.num_groups})
+
+    @classmethod
+    def from_json(cls, text: str) -> ActivationOptions:
+        raw = json.loads(text)
+        return cls(tuple(raw["float_scopes"]), tuple(raw["grouped_scopes"]), int(raw["num_groups"]))
+
+
 def transformer_quantization(
     float_activation_scopes: Sequence[str] = (),
     grouped_activation_scopes: Sequence[str] = (),
@@ -119,12 +149,8 @@ def transformer_quantization(
     from purecomp.transforms.quantize import quantization
 
     kwargs.setdefault("target_scopes", TRANSFORMER_TARGET_SCOPES)
-    method = quantization(**kwargs)
-    if grouped_activation_scopes:
-        samples = (kwargs.get("range_init") or RangeInit()).num_init_samples
-        method = grouped_activations(method, grouped_activation_scopes, num_groups,
-                                     RangeInit(type="min_max", num_init_samples=samples))
-    return float_activations(method, float_activation_scopes) if float_activation_scopes else method
+    options = ActivationOptions(tuple(float_activation_scopes), tuple(grouped_activation_scopes), num_groups)
+    return options.apply(quantization(**kwargs), (kwargs.get("range_init") or RangeInit()).num_init_samples)
 
 
 def float_activations(method: Compression, scopes: Sequence[str]) -> Compression:
@@ -182,29 +208,51 @@ def create_compressed_transformer(
     *,
     eager_attention: bool = True,
     float_activation_scopes: Sequence[str] = (),
-) -> tuple[CompressionController, CompressedModule]:
+    grouped_activation_scopes: Sequence[str] = (),
+    num_groups: int = NUM_GROUPS,
+) -> tuple[TransformerController, CompressedModule]:
     """``create_compressed_model`` for a HuggingFace model, traced on ``example_batch``.
 
     The config gets the transformer placement (``transformer_config``). With ``data``
     (tokenized batches) the state is initialized (range init...); with ``compression_state``
     (``get_compression_state()`` / ``read_compression_state``) it is restored instead.
-    ``float_activation_scopes`` (e.g. ``FFN_SCOPES``): see ``float_activations``.
+    ``float_activation_scopes`` (e.g. ``FFN_SCOPES``) and ``grouped_activation_scopes`` (e.g.
+    ``GROUPED_SCOPES``, with ``num_groups``): see ``ActivationOptions``. The returned
+    ``TransformerController`` records them for ``save_compression_state``.
     """
     if eager_attention:
         use_eager_attention(model)
     config = transformer_config(config)
-    cconfig = config.compression_config()
-    method = cconfig.method()
-    if float_activation_scopes:
-        method = float_activations(method, float_activation_scopes)
+    options = ActivationOptions(tuple(float_activation_scopes), tuple(grouped_activation_scopes), num_groups)
+    method = options.apply(config.compression_config().method(), _range_samples(config))
     graph = trace_transformer(model, example_batch)
     module = CompressedModule(model, method)
-    ctrl = CompressionController(config, method, graph, module)
+    ctrl = TransformerController(config, method, graph, module, options)
     if compression_state is not None:
         ctrl.load_compression_state(compression_state)
     elif data is not None:
         ctrl.initialize(data)
     return ctrl, module
+
+
+class TransformerController(CompressionController):
+    """The controller of ``create_compressed_transformer``: it also holds the ``ActivationOptions``
+    its method was built with, which ``save_compression_state`` writes next to the state."""
+
+    def __init__(self, config: Config, method: Compression, graph: ModelGraph, module: CompressedModule,
+                 activation_options: ActivationOptions) -> None:
+        super().__init__(config, method, graph, module)
+        self.activation_options = activation_options
+
+
+def _range_samples(config: Config) -> int:
+    """``num_init_samples`` of the config's quantization range init (RangeInit's default if unset)."""
+    sections = config.get("compression", [])
+    for section in sections if isinstance(sections, list) else [sections]:
+        if section.get("algorithm") == "quantization":
+            return int(section.get("initializer", {}).get("range", {}).get("num_init_samples",
+                                                                           RangeInit().num_init_samples))
+    return RangeInit().num_init_samples
 
 
 # ---------------------------------------------------------------- compression state files
@@ -223,6 +271,8 @@ def save_compression_state(ctrl: CompressionController, path: str | Path, exampl
         if isinstance(value, Tensor):
             tensors[f"example.{name}"] = value.detach().cpu().contiguous()
     metadata = {"format": _STATE_FORMAT} | {k: json.dumps(saved[k]) for k in _STATE_KEYS}
+    options = ctrl.activation_options if isinstance(ctrl, TransformerController) else ActivationOptions()
+    metadata["activation_options"] = options.as_json()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -243,6 +293,8 @@ def read_compression_state(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     if metadata.get("format") != _STATE_FORMAT:
         raise StateError(f"{str(path)!r} is not a purecomp transformers state (expected format {_STATE_FORMAT!r})")
     saved: dict[str, Any] = {k: json.loads(metadata[k]) for k in _STATE_KEYS}
+    # files written before the options were saved hold the plain method
+    saved["activation_options"] = ActivationOptions.from_json(metadata.get("activation_options", ActivationOptions().as_json()))
     count = sum(1 for k in tensors if k.startswith("state."))
     saved["tensors"] = [tensors[f"state.{i}"] for i in range(count)]
     example = {k.removeprefix("example."): v for k, v in tensors.items() if k.startswith("example.")}
@@ -261,8 +313,10 @@ def load_compressed_transformer(
     device = next(model.parameters()).device
     example = {k: v.to(device) for k, v in example.items()}
     config = Config.from_dict(json.loads(saved["config"]))
+    options: ActivationOptions = saved["activation_options"]
     return create_compressed_transformer(model, config, example, compression_state=saved,
-                                         eager_attention=eager_attention)
+                                         eager_attention=eager_attention, float_activation_scopes=options.float_scopes,
+                                         grouped_activation_scopes=options.grouped_scopes, num_groups=options.num_groups)
 
 
 # ---------------------------------------------------------------- export

@@ -22,10 +22,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purecomp.api import CompressedModule, CompressionController, Config
-from purecomp.errors import CalibrationError, StateError
+from purecomp.errors import CalibrationError, ConfigError, StateError
 
 from .hf_compress import (
+    NUM_GROUPS,
     STATE_FILE,
+    ActivationOptions,
     batches_on,
     create_compressed_transformer,
     export_onnx,
@@ -61,7 +63,9 @@ class CompressionTrainer(Trainer):
     unless ``compression_state`` (a ``STATE_FILE`` path or a directory holding one) restores a
     saved state. ``eager_attention`` switches the model to eager attention so the attention
     matmuls can be quantized; ``float_activation_scopes`` (e.g. ``FFN_SCOPES``) keeps the inputs of
-    those linears in float (``float_activations``). After construction ``self.model`` is the ``CompressedModule``;
+    those linears in float (``float_activations``), and ``grouped_activation_scopes`` (e.g.
+    ``GROUPED_SCOPES``, up to ``num_groups`` groups) quantizes them per channel group
+    (``ActivationOptions``; saved with the state and restored with it). After construction ``self.model`` is the ``CompressedModule``;
     ``self.compression_ctrl`` is the controller.
     """
 
@@ -74,17 +78,25 @@ class CompressionTrainer(Trainer):
         compression_state: str | Path | None = None,
         eager_attention: bool = True,
         float_activation_scopes: Sequence[str] = (),
+        grouped_activation_scopes: Sequence[str] = (),
+        num_groups: int = NUM_GROUPS,
         **kwargs: Any,
     ) -> None:
         if model is None:
             raise CalibrationError("CompressionTrainer needs a model (model_init is not supported)")
         super().__init__(model=model, args=args, **kwargs)
         device = next(model.parameters()).device
+        options = ActivationOptions(tuple(float_activation_scopes), tuple(grouped_activation_scopes), num_groups)
         if compression_state is not None:
             path = Path(compression_state)
             saved, example = read_compression_state(path / STATE_FILE if path.is_dir() else path)
             example = {k: v.to(device) for k, v in example.items()}
             data = None
+            if options == ActivationOptions():  # not given: those the state was saved with
+                options = saved["activation_options"]
+            elif options != saved["activation_options"]:
+                raise ConfigError("compression_state", f"the state was saved with {saved['activation_options']}, "
+                                  f"but the trainer was given {options}; expected the same activation options")
         else:
             if self.train_dataset is None:
                 raise CalibrationError("CompressionTrainer needs train_dataset to initialize compression "
@@ -96,7 +108,8 @@ class CompressionTrainer(Trainer):
             data = itertools.chain([first], data)
         self.compression_ctrl, compressed = create_compressed_transformer(
             model, compression_config, example, data=data, compression_state=saved,
-            eager_attention=eager_attention, float_activation_scopes=float_activation_scopes,
+            eager_attention=eager_attention, float_activation_scopes=options.float_scopes,
+            grouped_activation_scopes=options.grouped_scopes, num_groups=options.num_groups,
         )
         self._trace_batch = {k: v.detach().cpu() for k, v in model_inputs(example).items()}
         # the Trainer reads the inner model's forward signature (columns) and loss kwargs; both stay
