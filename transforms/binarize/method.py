@@ -73,15 +73,8 @@ def calibrate_scales(
 ) -> dict[str, float]:
     """Mean over calibration batches of each input's top-0.1% value (``SCALE_QUANTILE``)."""
     seen: dict[str, list[float]] = {key: [] for key in keys}
-
-    def observer(key: str):
-        def observe(x: Tensor) -> Tensor:
-            seen[key].append(_top_quantile(x, SCALE_QUANTILE))
-            return x
-
-        return observe
-
-    run_observers(graph, params, {key: observer(key) for key in keys}, data, num_samples, "binarization init")
+    run_observers(graph, params, keys, lambda key, x: seen[key].append(_top_quantile(x, SCALE_QUANTILE)), data,
+                  num_samples, "binarization init")
     scales = {}
     for key, values in seen.items():
         if not values:

@@ -120,13 +120,6 @@ def _channel_statistics(
     graph: ModelGraph, params: Mapping[str, Tensor], keys: Sequence[str], data: Iterable[Any] | None, init: RangeInit
 ) -> dict[str, ChannelStatistics]:
     stats = {key: ChannelStatistics() for key in keys}
-
-    def observer(key: str):
-        def observe(x: Tensor) -> Tensor:
-            stats[key].observe(x)
-            return x
-
-        return observe
-
-    run_observers(graph, params, {key: observer(key) for key in keys}, data, init.num_init_samples, "grouped range init")
+    run_observers(graph, params, keys, lambda key, x: stats[key].observe(x), data, init.num_init_samples,
+                  "grouped range init")
     return stats

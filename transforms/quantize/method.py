@@ -93,16 +93,7 @@ def _collect_statistics(
     graph: ModelGraph, params: Mapping[str, Tensor], keys: Sequence[str], data: Iterable[Any], init: RangeInit
 ) -> dict[str, TensorStatistics]:
     stats = {key: TensorStatistics() for key in keys}
-
-    def observer(key: str):
-        def observe(x: Tensor) -> Tensor:
-            stats[key].observe(x)
-            return x
-
-        return observe
-
-    observers = {key: observer(key) for key in keys}
-    run_observers(graph, params, observers, data, init.num_init_samples, "range init")
+    run_observers(graph, params, keys, lambda key, x: stats[key].observe(x), data, init.num_init_samples, "range init")
     return stats
 
 
