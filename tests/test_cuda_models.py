@@ -19,7 +19,7 @@ import purecomp as pc
 from purecomp.ops import record_paths
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+    pytest.skip("needs a CUDA GPU (none here; these tests run on GPU machines)", allow_module_level=True)
 
 CUDA = torch.device("cuda")
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"

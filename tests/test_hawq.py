@@ -67,7 +67,7 @@ def test_hutchinson_equals_autograd_double_backward_loop(mode):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here; runs on GPU machines)")
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 def test_hutchinson_on_cuda_equals_the_loop_there(mode):
     torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, as on the CPU

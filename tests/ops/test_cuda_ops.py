@@ -32,7 +32,7 @@ from purecomp.ops.reference import (
 from purecomp.testing import asymmetric_cases, symmetric_cases
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+    pytest.skip("needs a CUDA GPU (none here; these tests run on GPU machines)", allow_module_level=True)
 
 P = torch.ops.purecomp
 CUDA = torch.device("cuda")
