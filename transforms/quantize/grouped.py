@@ -11,6 +11,7 @@ tensor for the linear that reads it: ``x W^T = sum_k x[:, C_k] W[:, C_k]^T`` (ex
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,13 @@ from purecomp.struct import static_field, struct
 from .quantizer import MIN_RANGE
 
 GROUP_RANGE_TYPES = ("min_max", "mean_min_max")
+
+
+@functools.lru_cache(maxsize=256)
+def _group_index(groups: tuple[int, ...], device: torch.device) -> Tensor:
+    """The channel -> group map as an index tensor on ``device``, built once per (map, device)
+    rather than on every forward (on a GPU that was a host-to-device copy per call)."""
+    return torch.tensor(groups, device=device)
 
 
 @struct
@@ -62,7 +70,7 @@ class GroupedQuantizer:
                 f"a grouped quantizer over {len(self.groups)} channels got an input of shape {tuple(x.shape)}; "
                 f"expected the last axis to have {len(self.groups)} channels"
             )
-        index = torch.tensor(self.groups, device=x.device)
+        index = _group_index(self.groups, x.device)
         return fake_quantize_asymmetric(
             x, self.input_low[index], self.input_range[index], bits=self.bits, axis=-1
         )
