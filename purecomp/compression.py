@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,6 +17,9 @@ from torch import Tensor
 from .graph import ModelGraph
 from .intercept import SiteFn
 from .struct import static_field, struct
+
+if TYPE_CHECKING:
+    from .init_context import InitContext
 
 Params = Mapping[str, Tensor]
 
@@ -37,45 +40,72 @@ class Progress:
         return self.epoch + (self.step % self.steps_per_epoch) / self.steps_per_epoch
 
 
-class Compression(NamedTuple):
+class Compression:
     """A compression method as five pure functions.
 
-    - ``init(graph, params, data) -> state``: build the state (may run calibration data).
+    - ``init(context) -> state``: build the state from an ``InitContext`` (the graph, the params
+      as transformed by the methods before this one in a chain, the calibration data and a
+      calibration runner that applies those methods). Call it as
+      ``method.init(graph, params, data)``; ``chain`` hands each member its own context.
     - ``params(params, state) -> params``: the weight-side transform.
     - ``sites(state) -> {key: fn}``: activation transforms at call sites.
     - ``loss(params, state) -> scalar``: the compression loss to add to the task loss.
     - ``step(state, progress, params=None) -> state``: the scheduler. Methods whose state
       depends on the weights (magnitude masks, pruned filters) recompute it from ``params``
       when their level changes, and raise ``StateError`` if ``params`` is missing then.
+
+    ``members`` lists the methods of a chain (empty for a single method); the front door
+    names state tensors after them.
     """
 
-    init: Callable[[ModelGraph, Params, Iterable[Any] | None], Any]
-    params: Callable[[Params, Any], dict[str, Tensor]]
-    sites: Callable[[Any], dict[str, SiteFn]]
-    loss: Callable[[Params, Any], Tensor]
-    step: Callable[..., Any]
-    name: str = "compression"
+    __slots__ = ("initialize", "params", "sites", "loss", "step", "name", "members")
 
+    def __init__(
+        self,
+        init: Callable[[InitContext], Any],
+        params: Callable[[Params, Any], dict[str, Tensor]],
+        sites: Callable[[Any], dict[str, SiteFn]],
+        loss: Callable[[Params, Any], Tensor],
+        step: Callable[..., Any],
+        name: str = "compression",
+        members: tuple[Compression, ...] = (),
+    ) -> None:
+        self.initialize = init
+        self.params = params
+        self.sites = sites
+        self.loss = loss
+        self.step = step
+        self.name = name
+        self.members = tuple(members)
 
-@dataclasses.dataclass(frozen=True)
-class Prior:
-    """Methods already initialized ahead of this one in a chain; calibration runs through them."""
+    def init(self, graph: ModelGraph | InitContext, params: Params | None = None,
+             data: Iterable[Any] | None = None) -> Any:
+        """``init(graph, params, data)`` for a method on its own, or ``init(context)`` inside a chain."""
+        from .init_context import InitContext
 
-    method: Compression
-    state: Any
+        if isinstance(graph, InitContext):
+            return self.initialize(graph)
+        if params is None:
+            raise TypeError("Compression.init(graph, params, data): params are required")
+        return self.initialize(InitContext.start(graph, params, data))
 
+    def _replace(self, **changes: Any) -> Compression:
+        """A copy with some functions replaced (``init=...`` replaces the initializer)."""
+        fields = {"init": self.initialize, "params": self.params, "sites": self.sites, "loss": self.loss,
+                  "step": self.step, "name": self.name, "members": self.members}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"Compression has no field(s) {sorted(unknown)}")
+        return Compression(**{**fields, **changes})
 
-def with_prior(graph: ModelGraph, method: Compression, state: Any) -> ModelGraph:
-    """A copy of ``graph`` whose calibration runs apply ``method`` with ``state`` first."""
-    if graph.prior is not None:
-        method, state = chain(graph.prior.method, method), (graph.prior.state, state)
-    return dataclasses.replace(graph, prior=Prior(method, state))
+    def __repr__(self) -> str:
+        return f"Compression(name={self.name!r})"
 
 
 def identity() -> Compression:
     """The method that changes nothing (state ``()``)."""
     return Compression(
-        init=lambda graph, params, data=None: (),
+        init=lambda context: (),
         params=lambda params, state: dict(params),
         sites=lambda state: {},
         loss=lambda params, state: torch.zeros(()),
@@ -84,7 +114,8 @@ def identity() -> Compression:
     )
 
 
-def _compose_sites(tables: Iterable[dict[str, SiteFn]]) -> dict[str, SiteFn]:
+def compose_sites(tables: Iterable[Mapping[str, SiteFn]]) -> dict[str, SiteFn]:
+    """Merge site tables; where two tables share a key, the earlier table's transform runs first."""
     merged: dict[str, SiteFn] = {}
     for table in tables:
         for key, fn in table.items():
@@ -97,16 +128,20 @@ def _compose_sites(tables: Iterable[dict[str, SiteFn]]) -> dict[str, SiteFn]:
 
 
 def chain(*methods: Compression) -> Compression:
-    """Stack methods: state is the tuple of member states, applied in order."""
+    """Stack methods: state is the tuple of member states, applied in order.
+
+    Member ``i`` is initialized with the params transformed by members ``0..i-1`` and a
+    calibration runner that applies their weight and site transforms (``InitContext.then``)."""
     if not methods:
         return identity()
 
-    def init(graph: ModelGraph, params: Params, data: Iterable[Any] | None = None) -> tuple:
+    def init(context: InitContext) -> tuple:
         states: list[Any] = []
-        current = graph
+        current = context
         for method in methods:
-            states.append(method.init(current, params, data))
-            current = with_prior(graph, chain(*methods[: len(states)]), tuple(states))
+            state = method.init(current)
+            states.append(state)
+            current = current.then(method, state)
         return tuple(states)
 
     def params_fn(params: Params, state: tuple) -> dict[str, Tensor]:
@@ -116,7 +151,7 @@ def chain(*methods: Compression) -> Compression:
         return out
 
     def sites(state: tuple) -> dict[str, SiteFn]:
-        return _compose_sites(method.sites(s) for method, s in zip(methods, state))
+        return compose_sites(method.sites(s) for method, s in zip(methods, state))
 
     def loss(params: Params, state: tuple) -> Tensor:
         total = torch.zeros(())
@@ -127,7 +162,8 @@ def chain(*methods: Compression) -> Compression:
     def step(state: tuple, progress: Progress, params: Params | None = None) -> tuple:
         return tuple(method.step(s, progress, params) for method, s in zip(methods, state))
 
-    return Compression(init, params_fn, sites, loss, step, name="+".join(m.name for m in methods))
+    return Compression(init, params_fn, sites, loss, step, name="+".join(m.name for m in methods),
+                       members=tuple(methods))
 
 
 def with_training(state: Any, training: bool) -> Any:

@@ -85,8 +85,6 @@ class ModelGraph:
     outputs: tuple[TensorRef, ...]
     param_shapes: tuple[tuple[str, tuple[int, ...]], ...]
     model: nn.Module = dataclasses.field(compare=False, repr=False)
-    # methods to apply ahead of the one being initialized (set by ``chain``); see compression.Prior
-    prior: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @cached_property
     def _by_site(self) -> dict[str, OpNode]:

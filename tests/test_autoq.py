@@ -224,12 +224,14 @@ def test_environment_evaluates_exactly_what_quantization_builds():
     allowed = select_sites(graph, (), None, "")
     w_t = weight_targets(graph, allowed)
     a_t = activation_targets(graph, allowed, quantize_inputs=True, quantize_outputs=False)
-    from purecomp.transforms.quantize.method import QuantizerSettings, _activation_quantizers
+    from purecomp.init_context import InitContext
+    from purecomp.transforms.quantize.method import QuantizerSettings, activation_quantizers
 
     request = PrecisionRequest(
         graph, params, data, tuple(w_t), tuple(a_t), QuantizerSettings.of(WEIGHTS, "weights"),
-        activation_quantizers=lambda p: _activation_quantizers(graph, params, a_t, QuantizerSettings.of(ACTS, "a"), p,
-                                                               pc.RangeInit(num_init_samples=16), data))
+        activation_quantizers=lambda p: activation_quantizers(InitContext.start(graph, params, data), a_t,
+                                                              QuantizerSettings.of(ACTS, "a"), p,
+                                                              pc.RangeInit(num_init_samples=16)))
     env = ModelEnvironment(request, agreement(model), data, AutoQOptions(bits=[2, 4, 8]))
     assert [u[0] for u in env.names] == [t.param for t in w_t]  # graph order
     assert env.features.shape == (4, len(FEATURES)) and 0 <= env.features.min() and env.features.max() <= 1

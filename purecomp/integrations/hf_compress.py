@@ -37,6 +37,7 @@ from purecomp.api import CompressedModule, CompressionController, Config
 from purecomp.compression import Compression
 from purecomp.errors import CalibrationError, ConfigError, ScopeError, StateError
 from purecomp.graph import ModelGraph, trace
+from purecomp.init_context import InitContext
 from purecomp.transforms.quantize import QuantizationState, RangeInit
 from purecomp.transforms.quantize.grouped_method import grouped_activations
 from purecomp.transforms.quantize.placement import scope_matches
@@ -177,11 +178,12 @@ def float_activations(method: Compression, scopes: Sequence[str]) -> Compression
             return tuple(filtered(graph, s) for s in state)
         return state
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> Any:
+    def init(context: InitContext) -> Any:
+        graph = context.graph
         if not any(scope_matches(p, node) for p in patterns for node in graph):
             raise ScopeError("float_activation_scopes", f"{list(patterns)} match no site of the model; expected "
                              "patterns of linear sites (FFN_SCOPES covers BERT, RoBERTa and DistilBERT)")
-        return filtered(graph, method.init(graph, params, data))
+        return filtered(graph, method.init(context))
 
     return method._replace(init=init)
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from purecomp.calibration import run_observers
 from purecomp.compression import Compression, Progress
 from purecomp.errors import CalibrationError, ConfigError
 from purecomp.graph import ModelGraph, OpNode
+from purecomp.init_context import InitContext
 from purecomp.struct import replace, static_field, struct
 from purecomp.transforms.quantize.placement import select_sites
 
@@ -68,13 +68,11 @@ def _top_quantile(x: Tensor, q: float) -> float:
     return float(flat.topk(k).values.min())
 
 
-def calibrate_scales(
-    graph: ModelGraph, params: Mapping[str, Tensor], keys: Sequence[str], data: Iterable[Any], num_samples: int
-) -> dict[str, float]:
+def calibrate_scales(context: InitContext, keys: Sequence[str], num_samples: int) -> dict[str, float]:
     """Mean over calibration batches of each input's top-0.1% value (``SCALE_QUANTILE``)."""
     seen: dict[str, list[float]] = {key: [] for key in keys}
-    run_observers(graph, params, keys, lambda key, x: seen[key].append(_top_quantile(x, SCALE_QUANTILE)), data,
-                  num_samples, "binarization init")
+    context.calibrate(keys, lambda key, x: seen[key].append(_top_quantile(x, SCALE_QUANTILE)), num_samples,
+                      "binarization init")
     scales = {}
     for key, values in seen.items():
         if not values:
@@ -113,13 +111,14 @@ def binarization(
         raise ConfigError(f"{origin}num_init_samples", f"expected a positive number of samples, got {num_init_samples}")
     staged = schedule or StagedSchedule()
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> BinarizationState:
+    def init(context: InitContext) -> BinarizationState:
+        graph, params = context.graph, context.params
         convs = binarized_convs(graph, ignored_scopes, target_scopes, origin)
         if not convs:
             raise ConfigError(f"{origin}ignored_scopes", "no conv2d is left to binarize; expected at least one")
         weights = tuple(dict.fromkeys(node.inputs[1].name for node in convs))
         keys = [f"{node.site}:in0" for node in convs]
-        scales = calibrate_scales(graph, params, keys, data, num_init_samples)
+        scales = calibrate_scales(context, keys, num_init_samples)
         device = params[weights[0]].device  # the binarizers live where the model does
         binarizers = {
             f"{node.site}:in0": ActivationBinarizer(

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from purecomp.errors import ConfigError
 from purecomp.graph import ModelGraph
-from purecomp.transforms.quantize.method import QuantizerSettings, _weight_quantizer
+from purecomp.transforms.quantize.method import QuantizerSettings, weight_quantizer
 from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
 from purecomp.transforms.quantize.precision import PrecisionRequest
 
@@ -56,7 +56,7 @@ class HawqOptions:
 def perturbation(target: Any, weight: Tensor, settings: QuantizerSettings, bits: int) -> float:
     """``||Q_b(W) - W||_2^2`` with the weight quantizer ``quantization`` would build at ``bits``."""
     with torch.no_grad():
-        q = _weight_quantizer(target, weight, settings, bits)
+        q = weight_quantizer(target, weight, settings, bits)
         return float((q(weight.detach()) - weight.detach()).pow(2).sum())
 
 

@@ -7,7 +7,7 @@ rows and, with ``prune_batch_norms``, batch-norm weight and bias set to zero); a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, StateError
 from purecomp.graph import ModelGraph
+from purecomp.init_context import InitContext
 from purecomp.schedules import Schedule
 from purecomp.struct import replace, static_field, struct
 
@@ -198,9 +199,8 @@ def filter_pruning(
             masks, level, pruned, groups, prune_batch_norms, frozen, costs, inputs
         )
 
-    def init(
-        graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None
-    ) -> FilterPruningState:
+    def init(context: InitContext) -> FilterPruningState:
+        graph = context.graph
         groups = channel_groups(
             graph,
             prune_first_conv=prune_first_conv,
@@ -209,15 +209,10 @@ def filter_pruning(
             target_scopes=target_scopes,
             origin=origin,
         )
-        source = (
-            graph.prior.method.params(params, graph.prior.state)
-            if graph.prior is not None
-            else params
-        )
         with torch.no_grad():
             inputs = tuple((name, tuple(info.shape), info.dtype) for name, info in graph.inputs)
             return build(
-                groups, source, level_of(Progress()), layer_costs(graph) if flops else (), inputs
+                groups, context.params, level_of(Progress()), layer_costs(graph) if flops else (), inputs
             )
 
     def step(

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor
-
-from purecomp.calibration import run_observers
 from purecomp.compression import Compression
 from purecomp.errors import ConfigError, ScopeError
 from purecomp.graph import ModelGraph, TensorRef
+from purecomp.init_context import InitContext
 
 from .grouped import GROUP_RANGE_TYPES, ChannelStatistics, channel_groups, make_grouped_quantizer
 from .method import QuantizationState
@@ -71,15 +69,15 @@ def grouped_activations(
             keys.append(key)
         return keys
 
-    def regroup(graph: ModelGraph, params: Mapping[str, Tensor], state: Any, data: Iterable[Any] | None) -> Any:
+    def regroup(context: InitContext, state: Any) -> Any:
         if isinstance(state, tuple):
-            return tuple(regroup(graph, params, s, data) for s in state)
+            return tuple(regroup(context, s) for s in state)
         if not isinstance(state, QuantizationState):
             return state
-        keys = chosen(graph, state)
+        keys = chosen(context.graph, state)
         if not keys:
             return state
-        stats = _channel_statistics(graph, params, keys, data, init_cfg)
+        stats = _channel_statistics(context, keys, init_cfg)
         acts = {k: q for k, q in state.activations.items() if k not in keys}
         consumers = [c for c in state.consumers if c[0] not in keys]
         for key in keys:
@@ -93,11 +91,11 @@ def grouped_activations(
         log.info("grouped activation quantizers (%d tensors, up to %d groups): %s", len(keys), num_groups, keys)
         return dataclasses.replace(state, activations=acts, consumers=tuple(consumers))
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> Any:
-        if not any(scope_matches(p, node) for p in patterns for node in graph):
+    def init(context: InitContext) -> Any:
+        if not any(scope_matches(p, node) for p in patterns for node in context.graph):
             raise ScopeError("grouped_activation_scopes", f"{list(patterns)} match no site of the model; expected "
                              "patterns of linear sites")
-        return regroup(graph, params, method.init(graph, params, data), data)
+        return regroup(context, method.init(context))
 
     return method._replace(init=init)
 
@@ -116,10 +114,7 @@ def _reads_directly(graph: ModelGraph, ref: TensorRef, key: str) -> bool:
     return True
 
 
-def _channel_statistics(
-    graph: ModelGraph, params: Mapping[str, Tensor], keys: Sequence[str], data: Iterable[Any] | None, init: RangeInit
-) -> dict[str, ChannelStatistics]:
+def _channel_statistics(context: InitContext, keys: Sequence[str], init: RangeInit) -> dict[str, ChannelStatistics]:
     stats = {key: ChannelStatistics() for key in keys}
-    run_observers(graph, params, keys, lambda key, x: stats[key].observe(x), data, init.num_init_samples,
-                  "grouped range init")
+    context.calibrate(keys, lambda key, x: stats[key].observe(x), init.num_init_samples, "grouped range init")
     return stats

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from purecomp.calibration import run_observers
 from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, QuantizerRangeError
-from purecomp.graph import ModelGraph
+from purecomp.init_context import InitContext
 from purecomp.ops.levels import check_bits
 from purecomp.struct import static_field, struct
 
@@ -77,7 +76,8 @@ class QuantizationState:
         return dict(self.consumers).get(key, ())
 
 
-def _weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerSettings, bits: int) -> Quantizer:
+def weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerSettings, bits: int) -> Quantizer:
+    """The quantizer of one weight, its range the weight's min and max (per channel along ``target.axis``)."""
     axis = target.axis if settings.per_channel else None
     w = weight.detach()
     if axis is None:
@@ -87,14 +87,6 @@ def _weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerS
         low, high = w.amin(dim=dims), w.amax(dim=dims)
     narrow = settings.narrow_range if settings.narrow_range is not None else settings.mode == "symmetric"
     return make_quantizer(settings.mode, low, high, bits=bits, signed=True, narrow_range=narrow, axis=axis)
-
-
-def _collect_statistics(
-    graph: ModelGraph, params: Mapping[str, Tensor], keys: Sequence[str], data: Iterable[Any], init: RangeInit
-) -> dict[str, TensorStatistics]:
-    stats = {key: TensorStatistics() for key in keys}
-    run_observers(graph, params, keys, lambda key, x: stats[key].observe(x), data, init.num_init_samples, "range init")
-    return stats
 
 
 def quantization(
@@ -123,14 +115,15 @@ def quantization(
     init_cfg = range_init or RangeInit()
     fixed_plan = None if callable(precision) else check_plan(precision or {}, origin)
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> QuantizationState:
+    def init(context: InitContext) -> QuantizationState:
+        graph = context.graph
         allowed = select_sites(graph, ignored_scopes, target_scopes, origin)
         w_targets = weight_targets(graph, allowed)
         a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
-        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
         request = PrecisionRequest(
-            graph, source, data, tuple(w_targets), tuple(a_targets), w_settings, origin,
-            activation_quantizers=lambda p: _activation_quantizers(graph, params, a_targets, a_settings, p, init_cfg, data),
+            graph, context.params, context.data, tuple(w_targets), tuple(a_targets), w_settings, origin,
+            activation_quantizers=lambda p: activation_quantizers(context, a_targets, a_settings, p, init_cfg),
+            context=context,
         )
         plan = fixed_plan if fixed_plan is not None else resolve_plan(precision, request)
         known = {t.param for t in w_targets} | {t.key for t in a_targets}
@@ -138,10 +131,10 @@ def quantization(
             if key not in known:
                 raise ConfigError(f"{origin}precision", f"{key!r} is not a quantizer of this model; expected one of {sorted(known)[:8]}...")
         w_quant = {
-            t.param: _weight_quantizer(t, source[t.param], w_settings, plan.get(t.param, w_settings.bits))
+            t.param: weight_quantizer(t, context.params[t.param], w_settings, plan.get(t.param, w_settings.bits))
             for t in w_targets
         }
-        a_quant = _activation_quantizers(graph, params, a_targets, a_settings, plan, init_cfg, data)
+        a_quant = activation_quantizers(context, a_targets, a_settings, plan, init_cfg)
         consumers = tuple((t.key, t.consumers) for t in a_targets)
         return QuantizationState(weights=w_quant, activations=a_quant, consumers=consumers)
 
@@ -163,15 +156,15 @@ def quantization(
     return Compression(init, params_fn, sites, loss, step, name="quantization")
 
 
-def _activation_quantizers(
-    graph: ModelGraph,
-    params: Mapping[str, Tensor],
+def activation_quantizers(
+    context: InitContext,
     targets: list[ActivationTarget],
     settings: QuantizerSettings,
     plan: Mapping[str, int],
     init_cfg: RangeInit,
-    data: Iterable[Any] | None,
 ) -> dict[str, Quantizer]:
+    """Activation quantizers at ``targets``, their ranges from a calibration pass (``init_cfg``)
+    through the model as the context's earlier methods compress it."""
     if not targets:
         return {}
     narrow = bool(settings.narrow_range)
@@ -184,7 +177,8 @@ def _activation_quantizers(
                                   narrow_range=narrow, axis=None)
             for t in targets
         }
-    stats = _collect_statistics(graph, params, [t.key for t in targets], data, init_cfg)
+    stats = {t.key: TensorStatistics() for t in targets}
+    context.calibrate(list(stats), lambda key, x: stats[key].observe(x), init_cfg.num_init_samples, "range init")
     out = {}
     for t in targets:
         low, high = stats[t.key].range(init_cfg)

@@ -1,7 +1,7 @@
 """Precision plans: a mapping quantizer key -> bits, or an initializer that computes one at ``init``.
 
 An initializer (HAWQ, a manual per-scope table) is called with a ``PrecisionRequest`` holding
-what ``quantization``'s ``init`` knows: the graph, the (prior-transformed) params, the
+what ``quantization``'s ``init`` knows: the graph, the params (as transformed by earlier members of a chain), the
 calibration data, the quantizer targets and the weight settings.
 """
 
@@ -34,6 +34,8 @@ class PrecisionRequest:
     # plan -> the activation quantizers ``quantization`` would build for it (calibrated on ``data``);
     # set by ``quantization``'s ``init`` for initializers that evaluate the quantized model (AutoQ)
     activation_quantizers: Callable[[Mapping[str, int]], Mapping[str, Any]] | None = None
+    # the init context (earlier members of a chain); initializers that run the model apply its sites
+    context: Any = None
 
 
 class PrecisionInit(Protocol):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from purecomp.compression import Compression
-from purecomp.graph import ModelGraph
+from purecomp.init_context import InitContext
 from purecomp.struct import struct
 
 from .common import apply_masks, level_rows, sparsified_weights, zero_fraction
@@ -32,8 +31,9 @@ def const_sparsity(
 ) -> Compression:
     """Masks from the zeros of the weights at init; training cannot make them non-zero."""
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> ConstSparsityState:
-        names = sparsified_weights(graph, ignored_scopes, target_scopes, origin)
+    def init(context: InitContext) -> ConstSparsityState:
+        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin)
+        params = context.params
         return ConstSparsityState({n: (params[n].detach() != 0).to(params[n].dtype) for n in names})
 
     return Compression(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, StateError
-from purecomp.graph import ModelGraph
+from purecomp.init_context import InitContext
 from purecomp.schedules import Schedule, constant
 from purecomp.struct import replace, static_field, struct
 
@@ -75,11 +74,11 @@ def magnitude_sparsity(
         raise ConfigError(f"{origin}sparsity_level_setting_mode", f"expected one of {list(LEVEL_MODES)}, got {level_mode!r}")
     level_of = constant(schedule, origin) if isinstance(schedule, (int, float)) else schedule
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> MagnitudeSparsityState:
-        names = sparsified_weights(graph, ignored_scopes, target_scopes, origin)
-        source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
+    def init(context: InitContext) -> MagnitudeSparsityState:
+        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin)
         level = level_of(Progress())
-        return MagnitudeSparsityState(magnitude_masks(source, names, level, weight_importance, level_mode), level)
+        masks = magnitude_masks(context.params, names, level, weight_importance, level_mode)
+        return MagnitudeSparsityState(masks, level)
 
     def step(state: MagnitudeSparsityState, progress: Progress, params: Mapping[str, Tensor] | None = None) -> MagnitudeSparsityState:
         if state.frozen:

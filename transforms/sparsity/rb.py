@@ -18,14 +18,14 @@ leaf). ``u`` for weight ``k`` at step ``t`` comes from a generator seeded with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from purecomp.compression import Compression, Progress
-from purecomp.graph import ModelGraph
+from purecomp.init_context import InitContext
 from purecomp.schedules import AdaptiveLevel, Schedule, adaptive_step, constant
 from purecomp.struct import replace, static_field, struct
 
@@ -115,8 +115,9 @@ def rb_sparsity(
     """
     level_of = constant(schedule, origin) if isinstance(schedule, (int, float)) else schedule
 
-    def init(graph: ModelGraph, params: Mapping[str, Tensor], data: Iterable[Any] | None = None) -> RBSparsityState:
-        names = sparsified_weights(graph, ignored_scopes, target_scopes, origin)
+    def init(context: InitContext) -> RBSparsityState:
+        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin)
+        params = context.params
         start = torch.logit(torch.tensor(INITIAL_KEEP_PROBABILITY)).item()
         logits = {n: torch.full_like(params[n], start, dtype=torch.float32).requires_grad_(True) for n in names}
         if adaptive is not None:

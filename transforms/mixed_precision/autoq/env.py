@@ -19,9 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from purecomp.apply import call_with_sites
-from purecomp.compression import _compose_sites
 from purecomp.errors import ConfigError, StateError
-from purecomp.transforms.quantize.method import QuantizerSettings, _weight_quantizer
+from purecomp.transforms.quantize.method import QuantizerSettings, weight_quantizer
 from purecomp.transforms.quantize.precision import PrecisionRequest
 
 from ..complexity import CostModel
@@ -76,10 +75,9 @@ class ModelEnvironment:
         self.features = unit_features(r.graph, units, readers, shapes)
         settings = QuantizerSettings.of(r.weight_settings, f"{r.origin}weights")
         targets = {t.param: t for t in r.weights}
-        self._weights = {w: _weight_quantizer(targets[w], r.params[w], settings, self.widest) for w in targets}
+        self._weights = {w: weight_quantizer(targets[w], r.params[w], settings, self.widest) for w in targets}
         self._activations = dict(r.activation_quantizers({t.key: self.widest for t in r.activations}))
-        prior = r.graph.prior
-        self._prior_sites = prior.method.sites(prior.state) if prior is not None else {}
+        self._compose = r.context.with_sites if r.context is not None else dict
         self._data = eval_subset(self.eval_data, o.eval_subset_ratio, o.seed, self.origin)
 
     def plan(self, policy: Sequence[int]) -> dict[str, int]:
@@ -101,8 +99,8 @@ class ModelEnvironment:
         with torch.no_grad():
             for w, q in self._weights.items():
                 params[w] = dataclasses.replace(q, bits=plan[w])(params[w])
-        sites = _compose_sites([self._prior_sites, {
-            k: dataclasses.replace(q, bits=plan.get(k, q.bits)) for k, q in self._activations.items()}])
+        sites = self._compose({
+            k: dataclasses.replace(q, bits=plan.get(k, q.bits)) for k, q in self._activations.items()})
         model = self.request.graph.model
 
         def run(*args: Any, **kwargs: Any) -> Any:

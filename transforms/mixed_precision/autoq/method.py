@@ -12,7 +12,8 @@ from torch import Tensor
 
 from purecomp.errors import ConfigError
 from purecomp.graph import ModelGraph
-from purecomp.transforms.quantize.method import QuantizerSettings, _activation_quantizers
+from purecomp.init_context import InitContext
+from purecomp.transforms.quantize.method import QuantizerSettings, activation_quantizers
 from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
 from purecomp.transforms.quantize.precision import PrecisionRequest
 from purecomp.transforms.quantize.range_init import RangeInit
@@ -66,11 +67,11 @@ def autoq_precision(
     a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
     a_settings = QuantizerSettings.of(activations, "activations")
     init_cfg = range_init or RangeInit()
-    source = graph.prior.method.params(params, graph.prior.state) if graph.prior is not None else params
+    context = InitContext.start(graph, params, data)
     request = PrecisionRequest(
-        graph, source, data, tuple(w_targets), tuple(a_targets), QuantizerSettings.of(weights, "weights"),
-        activation_quantizers=lambda plan: _activation_quantizers(graph, params, a_targets, a_settings, plan,
-                                                                  init_cfg, data),
+        graph, context.params, data, tuple(w_targets), tuple(a_targets), QuantizerSettings.of(weights, "weights"),
+        activation_quantizers=lambda plan: activation_quantizers(context, a_targets, a_settings, plan, init_cfg),
+        context=context,
     )
     return precision_report(request, eval_fn, eval_data, autoq_options(options), "", progress_bar)
 

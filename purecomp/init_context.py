@@ -1,0 +1,72 @@
+"""``InitContext``: what a method's ``init`` receives.
+
+A method initialized on its own sees the model's params and calibrates the plain model. Inside
+``chain(a, b)``, ``b`` sees ``a``'s weight transform already applied to ``params``, and its
+calibration runs apply ``a``'s weights and sites first, so ``b`` measures what the compressed
+model computes. The context carries that explicitly; nothing rides on the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .compression import Compression, chain, compose_sites
+from .graph import ModelGraph
+from .intercept import SiteFn
+
+Params = Mapping[str, Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class InitContext:
+    """The graph, the params as transformed by the earlier members of a chain, the calibration
+    data, and those earlier members (``before`` with ``before_state``; ``None`` when first).
+
+    ``model_params`` are the model's own params; ``scope`` (a ``purecomp.scopes.Scope`` or
+    ``None``) restricts which sites a method may select (``purecomp.scoped``)."""
+
+    graph: ModelGraph
+    params: Params
+    data: Iterable[Any] | None
+    model_params: Params
+    before: Compression | None = None
+    before_state: Any = None
+    scope: Any = None
+
+    @classmethod
+    def start(cls, graph: ModelGraph, params: Params, data: Iterable[Any] | None = None) -> InitContext:
+        """The context of the first (or only) method: nothing applied yet."""
+        return cls(graph, dict(params), data, dict(params))
+
+    def then(self, method: Compression, state: Any) -> InitContext:
+        """The context of the method after ``method`` (initialized to ``state``) in a chain."""
+        if self.before is None:
+            before, before_state = method, state
+        else:
+            before, before_state = chain(self.before, method), (self.before_state, state)
+        params = before.params(self.model_params, before_state)
+        return dataclasses.replace(self, params=params, before=before, before_state=before_state)
+
+    def before_sites(self) -> dict[str, SiteFn]:
+        """The activation transforms of the earlier members (empty when first)."""
+        return {} if self.before is None else dict(self.before.sites(self.before_state))
+
+    def with_sites(self, sites: Mapping[str, SiteFn]) -> dict[str, SiteFn]:
+        """``sites`` run after the earlier members' transforms at the same keys."""
+        return compose_sites([self.before_sites(), sites])
+
+    def calibrate(
+        self, keys: Sequence[str], record: Callable[[str, Tensor], None], num_samples: int, what: str,
+        data: Iterable[Any] | None = None,
+    ) -> None:
+        """Run ``num_samples`` samples (of ``data``, default the context's) through the model with
+        the earlier members applied, calling ``record(key, x)`` at each site in ``keys``
+        (``purecomp.calibration.run_observers``)."""
+        from .calibration import run_observers
+
+        run_observers(self.graph.model, self.params, self.with_sites, keys, record,
+                      self.data if data is None else data, num_samples, what)
