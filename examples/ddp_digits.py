@@ -59,7 +59,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    state = {k: v for k, v in module.state_dict().items() if k.startswith("compression_")}
+    state = {k: v for k, v in module.state_dict().items() if k.startswith("compression.")}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, state)
     if rank == 0:

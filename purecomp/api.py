@@ -19,15 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .apply import apply
 from .batchnorm import adapt_batchnorm
 from .checkpoint import decode_state, encode_state
+from .compressed_module import CompressedModule
 from .compression import Compression, Progress
 from .config import CompressionConfig, load_config
 from .errors import CalibrationError, ConfigError, StateError
 from .graph import ModelGraph
 from .stats import Report, statistics
-from .struct import tree_flatten, tree_unflatten
 
 COMPRESSION_STATE_VERSION = 1
 
@@ -72,65 +71,6 @@ class CompressionStage(enum.IntEnum):
     UNCOMPRESSED = 0
     PARTIALLY_COMPRESSED = 1
     FULLY_COMPRESSED = 2
-
-
-class CompressedModule(nn.Module):
-    """The user's model run with a compression state; state tensors are its parameters and buffers.
-
-    Trainable state leaves are registered as ``nn.Parameter`` s named ``compression_<i>``; other
-    tensor leaves as buffers. ``set_state`` writes a stepped state's new tensors into the
-    registered ones in place, so optimizers and DDP keep seeing the same objects.
-    """
-
-    def __init__(self, model: nn.Module, method: Compression) -> None:
-        super().__init__()
-        self.model = model
-        self._method = method
-        self._spec: Any = None
-        self._names: list[str] = []
-
-    def model_params(self) -> dict[str, Tensor]:
-        return dict(self.model.named_parameters())
-
-    @property
-    def state(self) -> Any:
-        if self._spec is None:
-            raise StateError("the compressed module has no state yet; call controller.initialize(data_loader)")
-        leaves = [getattr(self, name) if name else None for name in self._names]
-        return tree_unflatten(self._spec, leaves)
-
-    def set_state(self, state: Any) -> None:
-        leaves, spec = tree_flatten(state)
-        same_layout = self._spec is not None and len(leaves) == len(self._names) and all(
-            (name == "") == (not isinstance(leaf, Tensor))
-            and (not name or (getattr(self, name).shape == leaf.shape and getattr(self, name).dtype == leaf.dtype))
-            for name, leaf in zip(self._names, leaves)
-        )
-        if same_layout:
-            with torch.no_grad():
-                for name, leaf in zip(self._names, leaves):
-                    if name and leaf is not getattr(self, name):
-                        getattr(self, name).copy_(leaf)
-            self._spec = spec
-            return
-        for name in self._names:
-            if name:
-                delattr(self, name)
-        self._names = []
-        for i, leaf in enumerate(leaves):
-            if not isinstance(leaf, Tensor):
-                self._names.append("")
-                continue
-            name = f"compression_{i}"
-            if leaf.requires_grad:
-                self.register_parameter(name, nn.Parameter(leaf.detach().clone(), requires_grad=True))
-            else:
-                self.register_buffer(name, leaf.detach().clone())
-            self._names.append(name)
-        self._spec = spec
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return apply(self.model, self._method, self.model_params(), self.state, *args, **kwargs)
 
 
 class Scheduler:

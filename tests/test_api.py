@@ -79,7 +79,7 @@ def test_five_line_integration_trains_and_exports(tmp_path):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     train(ctrl, module, opt, data, epochs=2)
     after = module.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("compression_"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("compression."))
     assert "quantizers" in str(ctrl.statistics())
     assert ctrl.compression_stage() == pc.CompressionStage.PARTIALLY_COMPRESSED  # 0.3 is reached at epoch 2
     path = ctrl.export_model(tmp_path / "model.onnx")
@@ -272,7 +272,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ctrl, module = pc.create_compressed_model(model, config)
         ctrl.distributed()
         ctrl.initialize(data)  # each rank calibrates on its own data; rank 0's module wins
-        after_init = {k: v.clone() for k, v in module.state_dict().items() if k.startswith("compression_")}
+        after_init = {k: v.clone() for k, v in module.state_dict().items() if k.startswith("compression.")}
         ddp = nn.parallel.DistributedDataParallel(module)
         opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
         for _ in range(2):
@@ -286,7 +286,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # BatchNorm running statistics stay per rank under DDP (as without compression); the
         # weights and every compression tensor must agree
         trained = {name for name, _ in module.named_parameters()} | {
-            name for name, _ in module.named_buffers() if name.startswith("compression_")}
+            name for name, _ in module.named_buffers() if name.startswith("compression.")}
         after_steps = {k: v.clone() for k, v in module.state_dict().items() if k in trained}
         masks = {k: v.clone() for k, v in ctrl.state[0].gates().items()}
         torch.save({"init": after_init, "steps": after_steps, "masks": masks}, os.path.join(out_dir, f"rank{rank}.pt"))

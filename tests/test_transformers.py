@@ -239,12 +239,12 @@ def test_compression_trainer_trains_saves_loads_and_exports(sections, tmp_path):
     assert isinstance(trainer.model, pc.api.CompressedModule)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     decay = trainer.get_decay_parameter_names(trainer.model)
-    assert decay and not any(n.startswith("compression_") for n in decay)
+    assert decay and not any(n.startswith("compression.") for n in decay)
 
     trainer.train()
     assert ctrl.scheduler.current_step == 5 and ctrl.scheduler.current_epoch >= 0
     moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
-    assert any(n.startswith("compression_") for n in moved), "quantizer ranges were not trained"
+    assert any(n.startswith("compression.") for n in moved), "quantizer ranges were not trained"
     assert any(n.startswith("model.bert.encoder") for n in moved)
     report = ctrl.statistics()
     if len(sections) == 2:

@@ -135,7 +135,7 @@ class CompressionTrainer(Trainer):
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """No weight decay on compression parameters (quantizer ranges, RB logits...)."""
-        return [n for n in super().get_decay_parameter_names(model) if not n.startswith("compression_")]
+        return [n for n in super().get_decay_parameter_names(model) if not n.startswith("compression.")]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``save_pretrained`` of the HuggingFace model, ``STATE_FILE``, the tokenizer and the args."""
