@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import purecomp as pc
+from purecomp.scopes import select_sites
 from purecomp.transforms.mixed_precision import CostModel, autoq_precision, hawq_precision
-from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
+from purecomp.transforms.quantize.placement import activation_targets, weight_targets
 
 from common import Baseline, accuracy, loader, train_baseline
 

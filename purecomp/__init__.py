@@ -14,6 +14,7 @@ from .checkpoint import load_state, save_state
 from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
+from .scoped import scoped
 from .stats import model_cost, pruning_cost, statistics, trainable
 from .transforms.binarize import StagedSchedule, apply_to_optimizer, binarization
 from .transforms.prune import filter_pruning
@@ -57,6 +58,7 @@ __all__ = [
     "quantization",
     "rb_sparsity",
     "schedules",
+    "scoped",
     "statistics",
     "trace",
     "trainable",

@@ -14,6 +14,7 @@ from torch import nn
 
 import purecomp as pc
 from purecomp.errors import ConfigError, SearchError
+from purecomp.scopes import select_sites
 from purecomp.transforms.mixed_precision import load_plan
 from purecomp.transforms.mixed_precision.autoq import (
     FEATURES,
@@ -29,7 +30,7 @@ from purecomp.transforms.mixed_precision.autoq import (
     size_ratio,
     truncated_normal,
 )
-from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
+from purecomp.transforms.quantize.placement import activation_targets, weight_targets
 from purecomp.transforms.quantize.precision import PrecisionRequest
 
 

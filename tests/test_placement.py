@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import purecomp as pc
-from purecomp.transforms.quantize import activation_targets, select_sites, weight_targets
-from purecomp.transforms.quantize.placement import NORM_FUSING_PRODUCERS, WEIGHTED_OPS, source_of
+from purecomp.op_kinds import NORM_FUSING_PRODUCERS, WEIGHTED_OPS
+from purecomp.scopes import select_sites
+from purecomp.transforms.quantize import activation_targets, weight_targets
+from purecomp.transforms.quantize.placement import source_of
 
 from models import TORCHVISION, tiny_bert, torchvision_model
 

@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from purecomp.graph import ModelGraph, OpNode, TensorRef
-
-CHANNELWISE_OPS = frozenset({"gelu", "relu", "silu", "tanh", "sigmoid", "hardswish", "leaky_relu", "elu"})
+from purecomp.op_kinds import CHANNELWISE_OPS
 
 
 def _only_reader(graph: ModelGraph, node: OpNode, reader: OpNode) -> bool:

@@ -25,6 +25,7 @@ from purecomp.compression import with_training
 from purecomp.errors import StateError
 from purecomp.graph import ModelGraph, TensorRef
 from purecomp.intercept import split_site
+from purecomp.op_kinds import BN_FOLDABLE_OPS, SHAPE_OPS
 from purecomp.ops import adjust_asymmetric_range
 from purecomp.ops.reference import EPS
 from purecomp.stats import _states
@@ -303,12 +304,9 @@ def _requantized_inputs(graph: ModelGraph, key: str, consumers: tuple[str, ...])
         for k in activation_positions(graph, node):
             ref = node.inputs[k]
             if ref.kind == "node" and ref.key != key and source_of(graph, ref).key == key:
-                if graph.node(ref.name).op in _SHAPE_OPS:
+                if graph.node(ref.name).op in SHAPE_OPS:
                     sites.append(f"{site}:in{k}")
     return sites
-
-
-_SHAPE_OPS = frozenset({"reshape", "view", "flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "contiguous", "dropout"})
 
 
 # ------------------------------------------------------------------ BatchNorm folding
@@ -317,7 +315,7 @@ _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _foldable_pair(copy_model: nn.Module, graph: ModelGraph, node: Any) -> tuple[nn.Module, nn.Module, Any] | None:
-    if node.op not in ("conv1d", "conv2d", "conv3d", "linear") or not node.scope:
+    if node.op not in BN_FOLDABLE_OPS or not node.scope:
         return None
     consumers = graph.consumers(TensorRef("node", node.site, 0))
     if len(consumers) != 1 or consumers[0][0].op != "batch_norm" or consumers[0][1] != 0:

@@ -38,9 +38,9 @@ from purecomp.compression import Compression
 from purecomp.errors import CalibrationError, ConfigError, ScopeError, StateError
 from purecomp.graph import ModelGraph, trace
 from purecomp.init_context import InitContext
+from purecomp.scopes import scope_matches
 from purecomp.transforms.quantize import QuantizationState, RangeInit
 from purecomp.transforms.quantize.grouped_method import grouped_activations
-from purecomp.transforms.quantize.placement import scope_matches
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from purecomp.compression import Compression, Progress
 from purecomp.errors import CalibrationError, ConfigError
 from purecomp.graph import ModelGraph, OpNode
 from purecomp.init_context import InitContext
+from purecomp.scopes import Scope, select_sites
 from purecomp.struct import replace, static_field, struct
-from purecomp.transforms.quantize.placement import select_sites
 
 from .binarizer import WEIGHT_MODES, ActivationBinarizer, binarize_weight
 from .staged import StagedSchedule
@@ -50,9 +50,11 @@ class BinarizationState:
         return rows
 
 
-def binarized_convs(graph: ModelGraph, ignored: Sequence[str], targets: Sequence[str] | None, origin: str) -> list[OpNode]:
-    """The ``conv2d`` calls left by the scopes whose weight is a parameter and input a float tensor."""
-    allowed = select_sites(graph, ignored, targets, origin)
+def binarized_convs(
+    graph: ModelGraph, ignored: Sequence[str], targets: Sequence[str] | None, origin: str, scope: Scope | None = None
+) -> list[OpNode]:
+    """The ``conv2d`` calls left by the scopes (and ``scope``) whose weight is a parameter and input a float tensor."""
+    allowed = select_sites(graph, ignored, targets, origin, scope)
     return [
         node for node in graph
         if node.op == "conv2d" and node.site in allowed and len(node.inputs) > 1
@@ -113,7 +115,7 @@ def binarization(
 
     def init(context: InitContext) -> BinarizationState:
         graph, params = context.graph, context.params
-        convs = binarized_convs(graph, ignored_scopes, target_scopes, origin)
+        convs = binarized_convs(graph, ignored_scopes, target_scopes, origin, context.scope)
         if not convs:
             raise ConfigError(f"{origin}ignored_scopes", "no conv2d is left to binarize; expected at least one")
         weights = tuple(dict.fromkeys(node.inputs[1].name for node in convs))

@@ -16,13 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from purecomp.errors import StateError
 from purecomp.graph import ModelGraph, OpNode
-from purecomp.transforms.quantize.placement import (
-    CONV_OPS,
-    CONV_TRANSPOSE_OPS,
-    EMBEDDING_OPS,
-    ActivationTarget,
-    WeightTarget,
-)
+from purecomp.op_kinds import CONV_OPS, CONV_TRANSPOSE_OPS, EMBEDDING_OPS
+from purecomp.transforms.quantize.placement import ActivationTarget, WeightTarget
 
 _CONV_OPTIONS = ("stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_OPTIONS = ("stride", "padding", "output_padding", "groups", "dilation")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,8 +18,9 @@ from torch import Tensor
 
 from purecomp.errors import ConfigError
 from purecomp.graph import ModelGraph
+from purecomp.scopes import Scope, key_matches, select_sites
 from purecomp.transforms.quantize.method import QuantizerSettings, weight_quantizer
-from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
+from purecomp.transforms.quantize.placement import activation_targets, weight_targets
 from purecomp.transforms.quantize.precision import PrecisionRequest
 
 from .complexity import CostModel
@@ -126,13 +126,15 @@ def hawq_precision(
     target_scopes: Sequence[str] | None = None,
     quantize_inputs: bool = True,
     quantize_outputs: bool = False,
+    scope: Scope | None = None,
     **options: Any,
 ) -> PrecisionReport:
     """HAWQ for the quantizers ``quantization`` would place with the same arguments.
 
     ``data`` yields ``(inputs, targets)`` batches; ``criterion(outputs, targets)`` is the loss.
-    ``options`` are ``HawqOptions`` fields. ``report.plan`` goes to ``quantization(precision=...)``."""
-    allowed = select_sites(graph, ignored_scopes, target_scopes, "")
+    ``options`` are ``HawqOptions`` fields; ``scope`` restricts the sites further. ``report.plan``
+    goes to ``quantization(precision=...)``."""
+    allowed = select_sites(graph, ignored_scopes, target_scopes, "", scope)
     request = PrecisionRequest(
         graph, params, data, tuple(weight_targets(graph, allowed)),
         tuple(activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)),
@@ -183,19 +185,13 @@ class Manual:
         keys = [t.param for t in request.weights] + [t.key for t in request.activations]
         plan: dict[str, int] = {}
         for i, (bits, pattern) in enumerate(self.bitwidth_per_scope):
-            matched = [k for k in keys if _matches(pattern, k)]
+            matched = [k for k in keys if key_matches(pattern, k)]
             if not matched:
                 raise ConfigError(f"{self.path}bitwidth_per_scope[{i}]",
                                   f"{pattern!r} matches no quantizer; expected a key such as {keys[0]!r}, "
                                   "a module scope, or '{re}<regex>'")
             plan.update(dict.fromkeys(matched, int(bits)))
         return plan
-
-
-def _matches(pattern: str, key: str) -> bool:
-    if pattern.startswith("{re}"):
-        return re.fullmatch(pattern[4:], key) is not None
-    return key == pattern or key.startswith(pattern + ".") or key.startswith(pattern + "/")
 
 
 def manual(bitwidth_per_scope: Sequence[Sequence[Any]], path: str = "") -> Manual:

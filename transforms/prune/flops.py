@@ -13,8 +13,9 @@ import math
 from collections.abc import Iterable, Mapping
 
 from purecomp.graph import ModelGraph
+from purecomp.op_kinds import CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS
 
-from .groups import CONV_OPS, CONV_TRANSPOSE_OPS, PruningGroups
+from .groups import PruningGroups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ def layer_costs(graph: ModelGraph) -> tuple[LayerCost, ...]:
     costs = []
     for node in graph:
         if (
-            node.op not in CONV_OPS | CONV_TRANSPOSE_OPS | {"linear"}
+            node.op not in CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS
             or len(node.inputs) < 2
             or node.inputs[1].kind != "param"
         ):

@@ -25,61 +25,17 @@ import math
 from collections.abc import Callable, Sequence
 
 from purecomp.graph import ModelGraph, OpNode, TensorRef
-from purecomp.transforms.quantize.placement import select_sites
+from purecomp.op_kinds import (
+    BINARY_OPS,
+    CONV_OPS,
+    CONV_TRANSPOSE_OPS,
+    NONZERO_UNARY_OPS,
+    RESHAPE_OPS,
+    SPATIAL_OPS,
+    ZERO_PRESERVING_OPS,
+)
+from purecomp.scopes import Scope, select_sites
 
-CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d"})
-CONV_TRANSPOSE_OPS = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-ZERO_PRESERVING = frozenset(
-    {
-        "relu",
-        "relu6",
-        "hardtanh",
-        "hardswish",
-        "silu",
-        "gelu",
-        "tanh",
-        "leaky_relu",
-        "elu",
-        "selu",
-        "celu",
-        "mish",
-        "neg",
-        "dropout",
-        "dropout1d",
-        "dropout2d",
-        "dropout3d",
-        "alpha_dropout",
-        "feature_alpha_dropout",
-        "identity",
-        "contiguous",
-        "clone",
-        "max_pool1d",
-        "max_pool2d",
-        "max_pool3d",
-        "avg_pool1d",
-        "avg_pool2d",
-        "avg_pool3d",
-        "adaptive_avg_pool1d",
-        "adaptive_avg_pool2d",
-        "adaptive_avg_pool3d",
-        "adaptive_max_pool1d",
-        "adaptive_max_pool2d",
-        "adaptive_max_pool3d",
-        "pad",
-        "interpolate",
-        "upsample",
-        "upsample_nearest",
-        "upsample_bilinear",
-    }
-)
-NONZERO_UNARY = frozenset({"sigmoid", "hardsigmoid", "exp", "softplus", "cos", "log_sigmoid"})
-SPATIAL_OPS = frozenset(
-    op
-    for op in ZERO_PRESERVING
-    if "pool" in op or op in ("pad", "interpolate") or op.startswith("upsample")
-)
-BINARY_OPS = frozenset({"add", "sub", "mul", "div"})
-RESHAPE_OPS = frozenset({"flatten", "view", "reshape"})
 CONV_MODULES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
 CONV_TRANSPOSE_MODULES = frozenset({"ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"})
 NORM_MODULES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d"})
@@ -234,7 +190,7 @@ class _Analysis:
                 continue
             handler = getattr(self, f"op_{node.op}", None)
             if handler is None:
-                if node.op in ZERO_PRESERVING or node.op in NONZERO_UNARY:
+                if node.op in ZERO_PRESERVING_OPS or node.op in NONZERO_UNARY_OPS:
                     handler = self.unary
                 elif node.op in BINARY_OPS:
                     handler = self.binary
@@ -383,7 +339,7 @@ class _Analysis:
         if extra or not same_channels or (spatial and (ch.axis != 1 or ch.block != 1)):
             self.poison_inputs(node, f"{node.op} at {node.site} changes or mixes channels")
             return
-        zero = list(ch.zero) if node.op in ZERO_PRESERVING else [False] * len(ch.ids)
+        zero = list(ch.zero) if node.op in ZERO_PRESERVING_OPS else [False] * len(ch.ids)
         self.set_out(node, _Channels(list(ch.ids), zero, ch.axis, ch.block))
 
     def binary(self, node: OpNode) -> None:
@@ -525,9 +481,11 @@ def channel_groups(
     ignored_scopes: Sequence[str] = (),
     target_scopes: Sequence[str] | None = None,
     origin: str = "",
+    scope: Scope | None = None,
 ) -> PruningGroups:
-    """The channel groups of ``graph`` (see the module docstring for the rules)."""
-    allowed = select_sites(graph, ignored_scopes, target_scopes, origin)
+    """The channel groups of ``graph`` (see the module docstring for the rules); only the sites
+    the scopes (and ``scope``, ``InitContext.scope``) allow are pruned."""
+    allowed = select_sites(graph, ignored_scopes, target_scopes, origin, scope)
     analysis = _Analysis(graph, allowed, prune_first_conv, prune_downsample_convs)
     analysis.run()
     uf = analysis.uf

@@ -208,6 +208,7 @@ def filter_pruning(
             ignored_scopes=ignored_scopes,
             target_scopes=target_scopes,
             origin=origin,
+            scope=context.scope,
         )
         with torch.no_grad():
             inputs = tuple((name, tuple(info.shape), info.dtype) for name, info in graph.inputs)

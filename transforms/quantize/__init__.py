@@ -7,7 +7,6 @@ from .placement import (
     ActivationTarget,
     WeightTarget,
     activation_targets,
-    select_sites,
     weight_targets,
 )
 from .quantizer import AsymmetricQuantizer, Quantizer, SymmetricQuantizer, make_quantizer
@@ -30,6 +29,5 @@ __all__ = [
     "make_grouped_quantizer",
     "make_quantizer",
     "quantization",
-    "select_sites",
     "weight_targets",
 ]

@@ -12,10 +12,11 @@ from purecomp.compression import Compression
 from purecomp.errors import ConfigError, ScopeError
 from purecomp.graph import ModelGraph, TensorRef
 from purecomp.init_context import InitContext
+from purecomp.op_kinds import CHANNEL_PRESERVING_OPS
+from purecomp.scopes import scope_matches
 
 from .grouped import GROUP_RANGE_TYPES, ChannelStatistics, channel_groups, make_grouped_quantizer
 from .method import QuantizationState
-from .placement import scope_matches
 from .range_init import RangeInit
 
 log = logging.getLogger(__name__)
@@ -100,15 +101,12 @@ def grouped_activations(
     return method._replace(init=init)
 
 
-_CHANNEL_PRESERVING = frozenset({"dropout", "clone", "identity", "contiguous"})
-
-
 def _reads_directly(graph: ModelGraph, ref: TensorRef, key: str) -> bool:
     """Whether ``ref`` is tensor ``key`` itself or reached from it only through ops that keep every
     element in place (dropout, which is the identity in eval mode, clone...)."""
     while ref.key != key:
         producer = graph.producer(ref) if ref.kind == "node" else None
-        if producer is None or producer.op not in _CHANNEL_PRESERVING or not producer.inputs:
+        if producer is None or producer.op not in CHANNEL_PRESERVING_OPS or not producer.inputs:
             return False
         ref = producer.inputs[0]
     return True

@@ -14,13 +14,13 @@ from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, QuantizerRangeError
 from purecomp.init_context import InitContext
 from purecomp.ops.levels import check_bits
+from purecomp.scopes import select_sites
 from purecomp.struct import static_field, struct
 
 from .placement import (
     ActivationTarget,
     WeightTarget,
     activation_targets,
-    select_sites,
     weight_targets,
 )
 from .precision import Precision, PrecisionRequest, check_plan, resolve_plan
@@ -117,7 +117,7 @@ def quantization(
 
     def init(context: InitContext) -> QuantizationState:
         graph = context.graph
-        allowed = select_sites(graph, ignored_scopes, target_scopes, origin)
+        allowed = select_sites(graph, ignored_scopes, target_scopes, origin, context.scope)
         w_targets = weight_targets(graph, allowed)
         a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
         request = PrecisionRequest(

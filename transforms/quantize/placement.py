@@ -12,32 +12,21 @@ after the last op of that pattern.
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from purecomp.errors import ScopeError
 from purecomp.graph import ModelGraph, OpNode, TensorRef
-
-CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d"})
-CONV_TRANSPOSE_OPS = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-LINEAR_OPS = frozenset({"linear"})
-MATMUL_OPS = frozenset({"matmul", "bmm", "mm", "addmm", "baddbmm"})
-EMBEDDING_OPS = frozenset({"embedding"})  # a lookup returns rows of its (quantized) table: no activation quantizer after it
-WEIGHTED_OPS = CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS | MATMUL_OPS | EMBEDDING_OPS
-NORM_OPS = frozenset({"batch_norm", "layer_norm"})
-QUANTIZABLE_OPS = WEIGHTED_OPS | NORM_OPS | frozenset(
-    {"add", "mul", "cat", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean"}
+from purecomp.op_kinds import (
+    AGNOSTIC_OPS,
+    CONV_OPS,
+    CONV_TRANSPOSE_OPS,
+    ELEMENTWISE_OPS,
+    EMBEDDING_OPS,
+    LINEAR_OPS,
+    NORM_FUSING_PRODUCERS,
+    NORM_OPS,
+    QUANTIZABLE_OPS,
+    WEIGHTED_OPS,
 )
-ELEMENTWISE_OPS = frozenset({"add", "mul"})  # quantized only between two activations
-AGNOSTIC_OPS = frozenset(
-    {"reshape", "view", "flatten", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze",
-     "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-     "adaptive_max_pool3d", "dropout", "dropout1d", "dropout2d", "dropout3d", "pad", "expand",
-     "clone", "identity", "getitem", "chunk", "split"}
-)
-# a norm directly after one of these is folded into it by runtimes: its input is not quantized
-NORM_FUSING_PRODUCERS = CONV_OPS | CONV_TRANSPOSE_OPS | LINEAR_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,43 +121,6 @@ def source_of(graph: ModelGraph, ref: TensorRef) -> TensorRef:
             break
         ref = upstream
     return ref
-
-
-# ---------------------------------------------------------------- scope matching
-
-
-def scope_matches(pattern: str, node: OpNode) -> bool:
-    """``{re}<regex>`` full-matches the site name; a plain string equals the site, its module
-    scope, or a module scope above it (``layer1`` covers ``layer1.0.conv1/conv2d#0``)."""
-    if pattern.startswith("{re}"):
-        return re.fullmatch(pattern[4:], node.site) is not None
-    return pattern in (node.site, node.scope) or node.scope.startswith(pattern + ".")
-
-
-def select_sites(
-    graph: ModelGraph, ignored: Sequence[str], targets: Sequence[str] | None, origin: str
-) -> frozenset[str]:
-    """Sites left compressible by ``ignored_scopes`` / ``target_scopes``; each pattern must match a site."""
-    for key, patterns in (("ignored_scopes", ignored), ("target_scopes", targets or ())):
-        for i, pattern in enumerate(patterns):
-            try:
-                matched = any(scope_matches(pattern, node) for node in graph)
-            except re.error as exc:
-                raise ScopeError(f"{origin}{key}[{i}]", f"invalid regular expression {pattern!r}: {exc}") from None
-            if not matched:
-                raise ScopeError(
-                    f"{origin}{key}[{i}]",
-                    f"{pattern!r} matches no site of the model; expected a site name such as "
-                    f"{graph.nodes[0].site!r}, a module scope, or '{{re}}<regex>'",
-                )
-    chosen = set()
-    for node in graph:
-        if targets is not None and not any(scope_matches(p, node) for p in targets):
-            continue
-        if any(scope_matches(p, node) for p in ignored):
-            continue
-        chosen.add(node.site)
-    return frozenset(chosen)
 
 
 # ---------------------------------------------------------------- placement

@@ -8,14 +8,18 @@ import torch
 from torch import Tensor
 
 from purecomp.graph import ModelGraph
-from purecomp.transforms.quantize.placement import EMBEDDING_OPS, select_sites, weight_targets
+from purecomp.op_kinds import EMBEDDING_OPS
+from purecomp.scopes import Scope, select_sites
+from purecomp.transforms.quantize.placement import weight_targets
 
 
 def sparsified_weights(
-    graph: ModelGraph, ignored_scopes: Sequence[str], target_scopes: Sequence[str] | None, origin: str
+    graph: ModelGraph, ignored_scopes: Sequence[str], target_scopes: Sequence[str] | None, origin: str,
+    scope: Scope | None = None,
 ) -> list[str]:
-    """Weight parameters of the selected conv, conv-transpose, linear and matmul ops (not embeddings)."""
-    allowed = select_sites(graph, ignored_scopes, target_scopes, origin)
+    """Weight parameters of the selected conv, conv-transpose, linear and matmul ops (not embeddings);
+    ``scope`` (``InitContext.scope``) restricts the sites further."""
+    allowed = select_sites(graph, ignored_scopes, target_scopes, origin, scope)
     return [t.param for t in weight_targets(graph, allowed) if t.op not in EMBEDDING_OPS]
 
 

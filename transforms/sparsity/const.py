@@ -32,7 +32,7 @@ def const_sparsity(
     """Masks from the zeros of the weights at init; training cannot make them non-zero."""
 
     def init(context: InitContext) -> ConstSparsityState:
-        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin)
+        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin, context.scope)
         params = context.params
         return ConstSparsityState({n: (params[n].detach() != 0).to(params[n].dtype) for n in names})
 

@@ -75,7 +75,7 @@ def magnitude_sparsity(
     level_of = constant(schedule, origin) if isinstance(schedule, (int, float)) else schedule
 
     def init(context: InitContext) -> MagnitudeSparsityState:
-        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin)
+        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin, context.scope)
         level = level_of(Progress())
         masks = magnitude_masks(context.params, names, level, weight_importance, level_mode)
         return MagnitudeSparsityState(masks, level)

@@ -116,7 +116,7 @@ def rb_sparsity(
     level_of = constant(schedule, origin) if isinstance(schedule, (int, float)) else schedule
 
     def init(context: InitContext) -> RBSparsityState:
-        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin)
+        names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin, context.scope)
         params = context.params
         start = torch.logit(torch.tensor(INITIAL_KEEP_PROBABILITY)).item()
         logits = {n: torch.full_like(params[n], start, dtype=torch.float32).requires_grad_(True) for n in names}

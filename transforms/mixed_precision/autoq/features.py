@@ -20,12 +20,7 @@ import torch
 from torch import Tensor
 
 from purecomp.graph import ModelGraph, OpNode
-from purecomp.transforms.quantize.placement import (
-    CONV_OPS,
-    CONV_TRANSPOSE_OPS,
-    EMBEDDING_OPS,
-    LINEAR_OPS,
-)
+from purecomp.op_kinds import CONV_OPS, CONV_TRANSPOSE_OPS, EMBEDDING_OPS, LINEAR_OPS
 
 FEATURES = ("index", "op_kind", "in_channels", "out_channels", "feature_map", "kernel", "stride",
             "depthwise", "params", "prev_action")

@@ -13,8 +13,9 @@ from torch import Tensor
 from purecomp.errors import ConfigError
 from purecomp.graph import ModelGraph
 from purecomp.init_context import InitContext
+from purecomp.scopes import Scope, select_sites
 from purecomp.transforms.quantize.method import QuantizerSettings, activation_quantizers
-from purecomp.transforms.quantize.placement import activation_targets, select_sites, weight_targets
+from purecomp.transforms.quantize.placement import activation_targets, weight_targets
 from purecomp.transforms.quantize.precision import PrecisionRequest
 from purecomp.transforms.quantize.range_init import RangeInit
 
@@ -55,14 +56,16 @@ def autoq_precision(
     quantize_inputs: bool = True,
     quantize_outputs: bool = False,
     progress_bar: bool = True,
+    scope: Scope | None = None,
     **options: Any,
 ) -> AutoQReport:
     """AutoQ for the quantizers ``quantization`` would place with the same arguments.
 
     ``data`` calibrates the activation ranges; ``eval_fn(model_apply, loader) -> float`` scores a
     policy (higher is better) on ``eval_subset_ratio`` of ``eval_data`` (default ``data``).
-    ``options`` are ``AutoQOptions`` fields. ``report.plan`` goes to ``quantization(precision=...)``."""
-    allowed = select_sites(graph, ignored_scopes, target_scopes, "")
+    ``options`` are ``AutoQOptions`` fields; ``scope`` restricts the sites further. ``report.plan`` goes
+    to ``quantization(precision=...)``."""
+    allowed = select_sites(graph, ignored_scopes, target_scopes, "", scope)
     w_targets = weight_targets(graph, allowed)
     a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
     a_settings = QuantizerSettings.of(activations, "activations")
