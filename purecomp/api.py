@@ -26,6 +26,7 @@ from .compression import Compression, Progress
 from .config import CompressionConfig, load_config
 from .errors import CalibrationError, ConfigError, StateError
 from .graph import ModelGraph
+from .protocol import HasProgress, method_states
 from .stats import Report, statistics
 
 COMPRESSION_STATE_VERSION = 1
@@ -191,22 +192,12 @@ class CompressionController:
         return statistics(self.graph, self.state)
 
     def compression_stage(self) -> CompressionStage:
-        """FULLY once every algorithm is at its final level, PARTIALLY before, UNCOMPRESSED with nothing on."""
-        from .transforms.binarize import BinarizationState
+        """FULLY once every method is at its target, PARTIALLY before, UNCOMPRESSED with nothing on.
 
-        levels = []
-        members = self.state if isinstance(self.state, tuple) else (self.state,)
-        targets = [s for _, s in self.config.compression_config().algorithms]
-        for section, member in zip(targets, members):
-            params = section.get("params", {})
-            if isinstance(member, BinarizationState):
-                on = int(member.weights_on) + int(member.activations_on)
-                levels.append(on / 2)
-            elif hasattr(member, "level"):
-                target = params.get("sparsity_target", params.get("pruning_target", 0.5))
-                levels.append(min(1.0, member.level / target) if target else 1.0)
-            else:
-                levels.append(1.0)
+        Each state struct reports its own progress (``compression_progress()``, ``purecomp.protocol``);
+        one without it (quantization) counts as fully applied."""
+        levels = [member.compression_progress() if isinstance(member, HasProgress) else 1.0
+                  for member in method_states(self.state)]
         if all(v >= 1.0 - 1e-9 for v in levels):
             return CompressionStage.FULLY_COMPRESSED
         if any(v > 0 for v in levels):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .compression import Compression
 
 
-def _transform_inputs(args: tuple, kwargs: dict, fns: Mapping[str, SiteFn]) -> tuple[tuple, dict]:
+def transform_inputs(args: tuple, kwargs: dict, fns: Mapping[str, SiteFn]) -> tuple[tuple, dict]:
     """Apply ``input:<name>`` transforms to the named model inputs (see ``graph.flatten_inputs``)."""
     if not fns:
         return args, kwargs
@@ -47,11 +47,11 @@ def call_with_sites(
 ) -> Any:
     """``functional_call`` with site transforms (keys ``<site>:in<k>``, ``<site>:out<j>``, ``input:<name>``)."""
     with intercepting(model, sites):
-        args, kwargs = _transform_inputs(args, kwargs, _input_sites(sites))
+        args, kwargs = transform_inputs(args, kwargs, input_sites(sites))
         return functional_call(model, dict(params), args, kwargs)
 
 
-def _input_sites(sites: Mapping[str, SiteFn]) -> dict[str, SiteFn]:
+def input_sites(sites: Mapping[str, SiteFn]) -> dict[str, SiteFn]:
     return {k: fn for k, fn in sites.items() if k.startswith("input:")}
 
 
@@ -92,7 +92,7 @@ def compile_apply(model: nn.Module, method: Compression, **compile_kwargs: Any) 
 
     def call(params: Mapping[str, Tensor], state: Any, args: tuple, kwargs: dict) -> Any:
         state = with_training(state, model.training)
-        args, kwargs = _transform_inputs(args, kwargs, _input_sites(method.sites(state)))
+        args, kwargs = transform_inputs(args, kwargs, input_sites(method.sites(state)))
         return functional_call(model, method.params(params, state), args, kwargs)
 
     compiled = torch.compile(call, **compile_kwargs)

@@ -19,6 +19,18 @@ from .errors import ConfigError
 
 Schedule = Callable[[Progress], float]
 
+FAR_FUTURE = Progress(step=10**12, epoch=10**9)
+
+
+def final_level(schedule: Schedule) -> float:
+    """The level a schedule settles at: its value far past any target epoch."""
+    return float(schedule(FAR_FUTURE))
+
+
+def progress_toward(level: float, target: float | None) -> float:
+    """``min(1, level / target)``; 1 when there is no (or a zero) target."""
+    return min(1.0, level / target) if target else 1.0
+
 
 def _check_level(name: str, value: float, path: str) -> None:
     if not 0.0 <= value < 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .protocol import HasStatistics, states_with
 from .struct import tree_flatten
 
 
@@ -51,70 +52,17 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _quantizer_rows(state: Any) -> list[dict[str, Any]]:
-    rows = []
-    families = (("weight", state.weights), ("activation", state.activations))
-    for kind, table in families:
-        for key, q in table.items():
-            low, high = q.float_range()
-            rows.append(
-                {
-                    "quantizer": key,
-                    "kind": kind,
-                    "bits": q.bits,
-                    "mode": q.mode,
-                    "per_channel": q.axis is not None,
-                    "signed": q.signed,
-                    "low": float(low.min()),
-                    "high": float(high.max()),
-                    "feeds": ", ".join(state.consumers_of(key)) if kind == "activation" else "",
-                }
-            )
-    return rows
-
-
-def _states(state: Any, cls: type | tuple[type, ...]) -> list[Any]:
-    """Every instance of ``cls`` in a (possibly chained) state tree."""
-    if isinstance(state, cls):
-        return [state]
-    if isinstance(state, (tuple, list)):
-        return [s for item in state for s in _states(item, cls)]
-    return []
-
-
 def statistics(graph: Any, state: Any) -> Report:
-    """Tables of every quantizer (key, weight/activation, bits, mode, per-channel, signedness,
-    range), of every sparsified weight (actual level against the schedule's target) and of
-    every filter-pruning group (channels, pruned channels, parameters and FLOPs before / after
-    removing them; ``purecomp.transforms.prune.cost``) and of every binarized weight and input
-    (mode, stage enabled, activation scale and threshold range)."""
-    from purecomp.transforms.quantize import QuantizationState
-    from purecomp.transforms.sparsity import (
-        ConstSparsityState,
-        MagnitudeSparsityState,
-        RBSparsityState,
-    )
-
-    quant = [row for s in _states(state, QuantizationState) for row in _quantizer_rows(s)]
-    from purecomp.transforms.prune import FilterPruningState
-
-    pruning = [row for s in _states(state, FilterPruningState) for row in s.rows(graph)]
-    sparse = [
-        {"method": type(s).__name__.replace("State", ""), **row}
-        for s in _states(state, (MagnitudeSparsityState, RBSparsityState, ConstSparsityState))
-        for row in s.rows()
-    ]
-    from purecomp.transforms.binarize import BinarizationState
-
-    binarized = [row for s in _states(state, BinarizationState) for row in s.rows()]
-    return Report(
-        (
-            Table("quantizers", tuple(quant)),
-            Table("sparsity", tuple(sparse)),
-            Table("pruning", tuple(pruning)),
-            Table("binarization", tuple(binarized)),
-        )
-    )
+    """The tables every state struct contributes (``purecomp.protocol``: ``statistics(graph)``),
+    merged by title in the order they first appear: built-in methods give ``quantizers`` (key,
+    weight/activation, bits, mode, per-channel, signedness, range), ``sparsity`` (actual level
+    against the schedule's target), ``pruning`` (channels, parameters and FLOPs before / after)
+    and ``binarization`` (mode, stage enabled, scale and threshold range)."""
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for member in states_with(state, HasStatistics):
+        for title, rows in member.statistics(graph).items():
+            tables.setdefault(title, []).extend(rows)
+    return Report(tuple(Table(title, tuple(rows)) for title, rows in tables.items()))
 
 
 def trainable(state: Any) -> list[Any]:

@@ -319,7 +319,7 @@ def test_onnx_export_runs_in_onnxruntime_equal_to_pytorch(tmp_path):
 def test_exported_activation_binarizer_is_exact_in_onnxruntime(tmp_path):
     import onnxruntime as ort
 
-    from purecomp.export.materialize import BinarizeActivation
+    from purecomp.export.modules import BinarizeActivation
 
     torch.manual_seed(0)
     s = torch.tensor(0.7)

@@ -17,7 +17,7 @@ from purecomp.export.embedding import (
     quantized_embedding,
     replace_quantized_embeddings,
 )
-from purecomp.export.materialize import Dequantize
+from purecomp.export.modules import Dequantize
 
 VOCAB, DIM = 50, 8
 

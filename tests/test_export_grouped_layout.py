@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from purecomp.export.channel_order import permute_output_rows
 from purecomp.export.grouped_linear import MIN_INTEGER_CHANNELS, ChannelQuantizeDequantize, blocks
-from purecomp.export.materialize import Dequantize, QuantizeDequantize
+from purecomp.export.modules import Dequantize, QuantizeDequantize
 
 
 @pytest.mark.parametrize("sizes, integer, merged", [

@@ -19,6 +19,8 @@ from torch.nn.utils import parametrize
 from purecomp.graph import ModelGraph, OpNode, TensorRef
 from purecomp.op_kinds import CHANNELWISE_OPS
 
+from .modules import Dequantize
+
 
 def _only_reader(graph: ModelGraph, node: OpNode, reader: OpNode) -> bool:
     ref = TensorRef("node", node.site, 0)
@@ -46,15 +48,15 @@ def permutable_producer(graph: ModelGraph, site: str, sites: Collection[str]) ->
 def permute_output_rows(model: nn.Module, scope: str, order: torch.Tensor) -> bool:
     """Take the output channels of the linear at ``scope`` in ``order`` (in place): rows of the
     weight (integers and per-row scales / zero points when quantized) and of the bias; for a
-    ``GroupedLinear`` (without output quantizer), of each of its parts. Returns False (and changes
-    nothing) for any other module."""
-    from .grouped_linear import GroupedLinear
-
+    module whose ``row_parts()`` lists the linears that make up its output (a ``GroupedLinear``
+    without output quantizer), of each of them. Returns False (and changes nothing) for any other
+    module."""
     module = model.get_submodule(scope)
-    if isinstance(module, GroupedLinear):
-        linears = list(module.parts)
-        if module.output is not None:
+    if callable(getattr(module, "row_parts", None)):
+        parts = module.row_parts()
+        if parts is None:
             return False
+        linears = list(parts)
     elif isinstance(module, nn.Linear):
         linears = [module]
     else:
@@ -64,14 +66,12 @@ def permute_output_rows(model: nn.Module, scope: str, order: torch.Tensor) -> bo
     with torch.no_grad():
         for linear in linears:
             _permute_rows(linear, order)
-        if isinstance(module, GroupedLinear) and module.bias is not None:
+        if not isinstance(module, nn.Linear) and getattr(module, "bias", None) is not None:
             module.bias = nn.Parameter(module.bias[order].contiguous(), requires_grad=False)
     return True
 
 
 def _row_permutable(linear: nn.Linear) -> bool:
-    from .materialize import Dequantize
-
     if not parametrize.is_parametrized(linear, "weight"):
         return True
     chain = linear.parametrizations.weight

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from purecomp.apply import apply
+from purecomp.protocol import method_states
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +64,10 @@ def fused_op_counts(path: str | Path) -> Counter:
 
 
 def _output_step(state: Any, reference: np.ndarray) -> tuple[float, bool]:
-    from purecomp.stats import _states
-    from purecomp.transforms.quantize import QuantizationState
-
-    from .materialize import integer_grid
-
-    for qstate in _states(state, QuantizationState):
-        for key, consumers in qstate.consumers:
-            if "output" in consumers:
-                return float(integer_grid(qstate.activations[key])[0]), True
+    for member in method_states(state):
+        grid = member.output_grid() if callable(getattr(member, "output_grid", None)) else None
+        if grid is not None:
+            return float(grid[0]), True
     span = float(reference.max() - reference.min())
     return (span / 255 if span > 0 else 1.0), False
 

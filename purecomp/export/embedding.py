@@ -17,6 +17,8 @@ from torch.nn.utils import parametrize
 
 from purecomp.errors import StateError
 
+from .modules import Dequantize
+
 
 class QuantizedEmbedding(nn.Module):
     """``dq(Q[ids])``: an eval-mode ``nn.Embedding`` lookup over an integer table."""
@@ -49,8 +51,6 @@ def quantized_embedding(module: nn.Module) -> QuantizedEmbedding | None:
     """The export form of ``module`` when it is a plain ``nn.Embedding`` whose weight is stored as
     integers behind a ``Dequantize`` parametrization (and has no ``max_norm``, which rewrites rows
     of the float table); ``None`` otherwise."""
-    from .materialize import Dequantize
-
     if not parametrize.is_parametrized(module, "weight"):
         return None
     if parametrize.type_before_parametrizations(module) is not nn.Embedding or module.max_norm is not None:

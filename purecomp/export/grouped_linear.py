@@ -17,6 +17,7 @@ linear's output quantizer (if any) on the sum.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,9 @@ from torch.nn.utils import parametrize
 from purecomp.errors import StateError
 from purecomp.graph import ModelGraph
 from purecomp.intercept import split_site
-from purecomp.transforms.quantize.grouped import GroupedQuantizer
 
 from .channel_order import permutable_producer, permute_output_rows
+from .modules import Dequantize, QuantizeDequantize, integer_grid
 
 MIN_INTEGER_CHANNELS = 32
 """Groups with fewer channels (but the largest) are computed together in one float matmul."""
@@ -74,10 +75,8 @@ class GroupedLinear(nn.Module):
     the same values), whose matmul runs in float.
     """
 
-    def __init__(self, linear: nn.Linear, quantizer: GroupedQuantizer, output: nn.Module | None = None,
+    def __init__(self, linear: nn.Linear, quantizer: Any, output: nn.Module | None = None,
                  min_integer_channels: int = MIN_INTEGER_CHANNELS) -> None:
-        from .materialize import Dequantize, QuantizeDequantize, integer_grid
-
         super().__init__()
         scale, zero_point, qmin, qmax = integer_grid(quantizer)
         members = quantizer.members()
@@ -112,6 +111,11 @@ class GroupedLinear(nn.Module):
         self.output = output
         self.input_in_order = False  # True once the producer emits its channels in ``order``
 
+    def row_parts(self) -> list[nn.Linear] | None:
+        """The linears whose rows make up the output (``channel_order``); ``None`` with an output
+        quantizer, which a row permutation would have to follow."""
+        return None if self.output is not None else list(self.parts)
+
     def forward(self, x: Tensor) -> Tensor:
         permuted = x if self.input_in_order else x.movedim(-1, 0).index_select(0, self.order).movedim(0, -1)
         out, offset = None, 0
@@ -133,7 +137,7 @@ def output_key(key: str) -> str:
     return f"{key.rpartition(':')[0]}:out0"
 
 
-def split_grouped_linear(model: nn.Module, key: str, quantizer: GroupedQuantizer, graph: ModelGraph | None = None,
+def split_grouped_linear(model: nn.Module, key: str, quantizer: Any, graph: ModelGraph | None = None,
                          output: nn.Module | None = None, sites: Collection[str] = ()) -> None:
     """Replace the ``nn.Linear`` whose input quantizer is ``key`` (``<scope>/linear#0:in0``) by a
     ``GroupedLinear`` (in place) that applies ``output`` (the quantizer at ``output_key(key)``) to the

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from purecomp.errors import StateError
 
-_CONVS = (
+CONV_MODULES = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -74,7 +74,7 @@ class OnesChannelConvTranspose3d(_OnesChannel, nn.ConvTranspose3d):
 
 _ONES = dict(
     zip(
-        _CONVS,
+        CONV_MODULES,
         (
             OnesChannelConv1d,
             OnesChannelConv2d,
@@ -250,7 +250,7 @@ def fold_constant(
     out_axis = 1 if axis == 0 and not isinstance(old, nn.Linear) else 0
     if kept_out is not None:
         term = term.index_select(out_axis, kept_out)
-    if isinstance(old, _CONVS) and _zero_padded(old):
+    if isinstance(old, CONV_MODULES) and _zero_padded(old):
         return _ones_channel_conv(new, term, axis)
     if not isinstance(old, nn.Linear):
         term = term.sum(tuple(d for d in range(term.dim()) if d != out_axis))

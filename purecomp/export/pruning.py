@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from purecomp.errors import StateError
 
-from .prune_constants import _CONVS, carries_constants, consumer_constants, fold_constants
+from .prune_constants import CONV_MODULES, carries_constants, consumer_constants, fold_constants
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -74,7 +74,7 @@ def _conv(m: nn.Module, removed: Mapping[int, set[int]]) -> nn.Module:
     )
     if transposed:
         kwargs["output_padding"] = m.output_padding
-    new = _base(m, _CONVS)(len(keep_in), len(keep_out), **kwargs)
+    new = _base(m, CONV_MODULES)(len(keep_in), len(keep_out), **kwargs)
     new.weight = _param(weight)
     if m.bias is not None:
         new.bias = _param(m.bias.index_select(0, keep_out))
@@ -121,7 +121,7 @@ def _norm(m: nn.Module, removed: Mapping[int, set[int]]) -> nn.Module:
 
 
 def _rebuilt(module: nn.Module, removed: Mapping[int, set[int]], path: str) -> nn.Module:
-    if isinstance(module, _CONVS):
+    if isinstance(module, CONV_MODULES):
         return _conv(module, removed)
     if isinstance(module, nn.Linear):
         return _linear(module, removed)

@@ -35,6 +35,19 @@ class BinarizationState:
     weights_on: bool = static_field(default=True)
     activations_on: bool = static_field(default=True)
 
+    def statistics(self, graph: Any = None) -> dict[str, list[dict[str, Any]]]:
+        """The ``binarization`` table (``rows``)."""
+        return {"binarization": self.rows()}
+
+    def compression_progress(self) -> float:
+        """The share of the two stages (weights, activations) that are on."""
+        return (int(self.weights_on) + int(self.activations_on)) / 2
+
+    def export_rule(self) -> Any:
+        from .export_rule import BinarizationExport
+
+        return BinarizationExport(self)
+
     def rows(self) -> list[dict[str, Any]]:
         rows = [
             {"binarized": name, "kind": "weight", "mode": self.mode, "enabled": self.weights_on, "scale": "", "threshold": ""}

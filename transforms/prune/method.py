@@ -17,7 +17,7 @@ from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, StateError
 from purecomp.graph import ModelGraph
 from purecomp.init_context import InitContext
-from purecomp.schedules import Schedule
+from purecomp.schedules import Schedule, final_level, progress_toward
 from purecomp.struct import replace, static_field, struct
 
 from .cost import group_rows
@@ -44,6 +44,22 @@ class FilterPruningState:
     )  # set when the level is a FLOPs fraction
     # (name, shape, dtype) of the traced model inputs: export probes the masked model with them
     inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = static_field(default=())
+    target: float | None = static_field(default=None)  # the schedule's final level
+
+    def statistics(self, graph: ModelGraph | None = None) -> dict[str, list[dict[str, Any]]]:
+        """The ``pruning`` table (``rows``; needs the graph for the costs)."""
+        if graph is None:
+            raise StateError("filter pruning statistics need the traced graph: statistics(graph, state)")
+        return {"pruning": self.rows(graph)}
+
+    def compression_progress(self) -> float:
+        """``level / target`` (1 once the schedule's final level is reached)."""
+        return progress_toward(self.level, self.target)
+
+    def export_rule(self) -> Any:
+        from .export_rule import FilterPruningExport
+
+        return FilterPruningExport(self)
 
     def pruned_classes(self) -> list[tuple[int, int]]:
         """``(group, class)`` of every pruned channel."""
@@ -196,7 +212,7 @@ def filter_pruning(
             pruned = select_pruned(groups, params, level, criterion)
         masks = pruning_masks(groups, params, pruned, prune_batch_norms)
         return FilterPruningState(
-            masks, level, pruned, groups, prune_batch_norms, frozen, costs, inputs
+            masks, level, pruned, groups, prune_batch_norms, frozen, costs, inputs, final_level(level_of)
         )
 
     def init(context: InitContext) -> FilterPruningState:

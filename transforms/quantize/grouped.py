@@ -23,7 +23,7 @@ from purecomp.ops.levels import check_bits
 from purecomp.ops.reference import EPS
 from purecomp.struct import static_field, struct
 
-from .quantizer import MIN_RANGE
+from .quantizer import MIN_RANGE, asymmetric_grid
 
 GROUP_RANGE_TYPES = ("min_max", "mean_min_max")
 
@@ -82,6 +82,10 @@ class GroupedQuantizer:
     @property
     def levels(self) -> tuple[int, int]:
         return asymmetric_levels(self.bits)
+
+    def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        """One ONNX ``(scale, zero_point)`` per group (``asymmetric_grid``), and ``(qmin, qmax)``."""
+        return asymmetric_grid(self.input_low, self.input_range, self.levels)
 
     def members(self) -> list[list[int]]:
         """The channels of each group, in increasing channel order."""

@@ -75,6 +75,33 @@ class QuantizationState:
     def consumers_of(self, key: str) -> tuple[str, ...]:
         return dict(self.consumers).get(key, ())
 
+    def statistics(self, graph: Any = None) -> dict[str, list[dict[str, Any]]]:
+        """The ``quantizers`` table: key, weight/activation, bits, mode, per-channel, signedness,
+        range ``[min low, max high]`` and (activations) the ops it feeds."""
+        rows = []
+        for kind, table in (("weight", self.weights), ("activation", self.activations)):
+            for key, q in table.items():
+                low, high = q.float_range()
+                rows.append({
+                    "quantizer": key, "kind": kind, "bits": q.bits, "mode": q.mode,
+                    "per_channel": q.axis is not None, "signed": q.signed,
+                    "low": float(low.min()), "high": float(high.max()),
+                    "feeds": ", ".join(self.consumers_of(key)) if kind == "activation" else "",
+                })
+        return {"quantizers": rows}
+
+    def output_grid(self) -> tuple[Tensor, Tensor, int, int] | None:
+        """The integer grid of the quantizer on the model's output, if there is one."""
+        for key, consumers in self.consumers:
+            if "output" in consumers:
+                return self.activations[key].integer_grid()
+        return None
+
+    def export_rule(self) -> Any:
+        from .export_rule import QuantizationExport
+
+        return QuantizationExport(self)
+
 
 def weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerSettings, bits: int) -> Quantizer:
     """The quantizer of one weight, its range the weight's min and max (per channel along ``target.axis``)."""

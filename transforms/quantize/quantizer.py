@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from purecomp.errors import QuantizerRangeError
+from purecomp.export.qdq_ops import container_for
 from purecomp.ops import (
     adjust_asymmetric_range,
     asymmetric_levels,
@@ -46,6 +47,13 @@ class SymmetricQuantizer:
         s = self.scale.detach().abs() + EPS
         return s * ql / qh, s
 
+    def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` in ONNX terms (MATH.md, Export):
+        ``y_scale = (|s| + eps) / qh``, ``y_zero_point = 0`` in the int8/uint8 container."""
+        ql, qh = self.levels
+        scale = (self.scale.detach().float().abs() + EPS) / qh
+        return scale, torch.zeros_like(scale).to(container_for(ql, qh)), ql, qh
+
 
 @struct
 class AsymmetricQuantizer:
@@ -75,8 +83,23 @@ class AsymmetricQuantizer:
         )
         return low, low + rng
 
+    def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` in ONNX terms (MATH.md, Export): after the zero-point
+        adjustment ``[lo, lo + r]``, ``y_scale = r / qh`` and ``y_zero_point = round(-lo / y_scale)``."""
+        return asymmetric_grid(self.input_low, self.input_range, self.levels)
+
 
 Quantizer = SymmetricQuantizer | AsymmetricQuantizer
+
+
+def asymmetric_grid(input_low: Tensor, input_range: Tensor, levels: tuple[int, int]) -> tuple[Tensor, Tensor, int, int]:
+    """The ONNX ``(scale, zero_point, qmin, qmax)`` of MATH.md's asymmetric range (per element of
+    ``input_low``): ``scale = r / qh``, ``zero_point = clamp(round(-lo / scale), ql, qh)``."""
+    ql, qh = levels
+    low, rng = adjust_asymmetric_range(input_low.detach().float(), input_range.detach().float().abs() + EPS, qh)
+    scale = rng / qh
+    zero_point = torch.clamp(torch.round(-low / scale), ql, qh)
+    return scale, zero_point.to(container_for(ql, qh)), ql, qh
 
 
 def _param(value: Tensor, trainable: bool) -> Tensor:

@@ -31,6 +31,11 @@ def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> di
     return out
 
 
+def sparsity_table(method: str, rows: list[dict]) -> dict[str, list[dict]]:
+    """The ``sparsity`` table of the statistics report: ``rows`` tagged with the method's name."""
+    return {"sparsity": [{"method": method, **row} for row in rows]}
+
+
 def zero_fraction(mask: Tensor) -> float:
     return float((mask == 0).sum()) / max(1, mask.numel())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,7 +12,7 @@ from purecomp.compression import Compression
 from purecomp.init_context import InitContext
 from purecomp.struct import struct
 
-from .common import apply_masks, level_rows, sparsified_weights, zero_fraction
+from .common import apply_masks, level_rows, sparsified_weights, sparsity_table, zero_fraction
 
 
 @struct
@@ -24,6 +25,9 @@ class ConstSparsityState:
         total = sum(m.numel() for m in self.masks.values())
         zeros = sum(zero_fraction(m) * m.numel() for m in self.masks.values())
         return level_rows(self.masks, zeros / max(1, total))
+
+    def statistics(self, graph: Any = None) -> dict[str, list[dict]]:
+        return sparsity_table("ConstSparsity", self.rows())
 
 
 def const_sparsity(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -10,10 +11,10 @@ from torch import Tensor
 from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, StateError
 from purecomp.init_context import InitContext
-from purecomp.schedules import Schedule, constant
+from purecomp.schedules import Schedule, constant, final_level, progress_toward
 from purecomp.struct import replace, static_field, struct
 
-from .common import apply_masks, keep_largest, level_rows, sparsified_weights
+from .common import apply_masks, keep_largest, level_rows, sparsified_weights, sparsity_table
 
 IMPORTANCES = ("abs", "normed_abs")
 LEVEL_MODES = ("global", "local")
@@ -26,9 +27,16 @@ class MagnitudeSparsityState:
     masks: dict[str, Tensor]
     level: float = static_field()
     frozen: bool = static_field(default=False)
+    target: float | None = static_field(default=None)  # the schedule's final level
 
     def rows(self) -> list[dict]:
         return level_rows(self.masks, self.level)
+
+    def statistics(self, graph: Any = None) -> dict[str, list[dict]]:
+        return sparsity_table("MagnitudeSparsity", self.rows())
+
+    def compression_progress(self) -> float:
+        return progress_toward(self.level, self.target)
 
 
 def importance(weight: Tensor, kind: str) -> Tensor:
@@ -78,7 +86,7 @@ def magnitude_sparsity(
         names = sparsified_weights(context.graph, ignored_scopes, target_scopes, origin, context.scope)
         level = level_of(Progress())
         masks = magnitude_masks(context.params, names, level, weight_importance, level_mode)
-        return MagnitudeSparsityState(masks, level)
+        return MagnitudeSparsityState(masks, level, target=final_level(level_of))
 
     def step(state: MagnitudeSparsityState, progress: Progress, params: Mapping[str, Tensor] | None = None) -> MagnitudeSparsityState:
         if state.frozen:
@@ -93,7 +101,7 @@ def magnitude_sparsity(
                 "method.step(state, progress, params)"
             )
         masks = magnitude_masks(params, list(state.masks), level, weight_importance, level_mode)
-        return MagnitudeSparsityState(masks, level, frozen)
+        return MagnitudeSparsityState(masks, level, frozen, state.target)
 
     return Compression(
         init=init,

@@ -26,10 +26,17 @@ from torch import Tensor
 
 from purecomp.compression import Compression, Progress
 from purecomp.init_context import InitContext
-from purecomp.schedules import AdaptiveLevel, Schedule, adaptive_step, constant
+from purecomp.schedules import (
+    AdaptiveLevel,
+    Schedule,
+    adaptive_step,
+    constant,
+    final_level,
+    progress_toward,
+)
 from purecomp.struct import replace, static_field, struct
 
-from .common import keep_largest, level_rows, sparsified_weights
+from .common import keep_largest, level_rows, sparsified_weights, sparsity_table
 
 INITIAL_KEEP_PROBABILITY = 0.99  # logits start at logit(0.99): every gate open
 
@@ -47,6 +54,7 @@ class RBSparsityState:
     training: bool = static_field(default=True)
     adaptive: AdaptiveLevel | None = static_field(default=None)
     epoch: int = static_field(default=0)
+    target: float | None = static_field(default=None)  # the schedule's (or adaptive) final level
 
     def expected_density(self) -> float:
         """``D = mean_j sigmoid(s_j)``: the expected fraction of open gates."""
@@ -68,6 +76,12 @@ class RBSparsityState:
     def rows(self) -> list[dict]:
         return level_rows(self.gates(), self.level)
 
+    def statistics(self, graph: Any = None) -> dict[str, list[dict]]:
+        return sparsity_table("RBSparsity", self.rows())
+
+    def compression_progress(self) -> float:
+        return progress_toward(self.level, self.target)
+
 
 def _uniform(shape: torch.Size, seed: int, step: int, index: int) -> Tensor:
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + index) % (2**63 - 1))
@@ -75,7 +89,9 @@ def _uniform(shape: torch.Size, seed: int, step: int, index: int) -> Tensor:
 
 
 def sample_gates(state: RBSparsityState) -> dict[str, Tensor]:
-    """Stochastic gates with straight-through gradients to the logits (training), else ``[s > 0]``."""
+    """Stochastic gates with straight-through gradients to the logits (training); else the
+    deterministic gates (``RBSparsityState.gates``: the frozen masks, or the ``round(D N)``
+    largest logits)."""
     if not state.training or state.frozen_masks:
         return state.gates()
     step = int(state.step_count)
@@ -122,8 +138,10 @@ def rb_sparsity(
         logits = {n: torch.full_like(params[n], start, dtype=torch.float32).requires_grad_(True) for n in names}
         if adaptive is not None:
             state_a = AdaptiveLevel(adaptive["init"], adaptive["patience"])
-            return RBSparsityState(logits, torch.zeros((), dtype=torch.int64), {}, seed, state_a.level, adaptive=state_a)
-        return RBSparsityState(logits, torch.zeros((), dtype=torch.int64), {}, seed, level_of(Progress()))
+            return RBSparsityState(logits, torch.zeros((), dtype=torch.int64), {}, seed, state_a.level, adaptive=state_a,
+                                   target=adaptive["target"])
+        return RBSparsityState(logits, torch.zeros((), dtype=torch.int64), {}, seed, level_of(Progress()),
+                               target=final_level(level_of))
 
     def params_fn(params: Mapping[str, Tensor], state: RBSparsityState) -> dict[str, Tensor]:
         out = dict(params)
