@@ -1,6 +1,6 @@
 """purecomp: neural-network compression for PyTorch as pure transforms."""
 
-from . import errors, export, schedules
+from . import errors, export, protocol, schedules
 from .api import (
     CompressionController,
     CompressionStage,
@@ -14,9 +14,13 @@ from .checkpoint import load_state, save_state
 from .compression import Compression, Progress, chain, identity, with_training
 from .config import CompressionConfig, from_config, load_config
 from .graph import ModelGraph, OpNode, TensorRef, trace
+from .init_context import InitContext
+from .registry import register_algorithm
 from .scoped import scoped
 from .stats import model_cost, pruning_cost, statistics, trainable
-from .transforms.binarize import StagedSchedule, apply_to_optimizer, binarization
+
+# the built-in methods: each package registers its config section and state classes on import
+from .transforms.binarize import StagedSchedule, apply_to_optimizer, binarization  # noqa: I001
 from .transforms.prune import filter_pruning
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
@@ -30,6 +34,8 @@ __all__ = [
     "register_default_init_args",
     "save_state",
     "Compression",
+    "InitContext",
+    "register_algorithm",
     "CompressionConfig",
     "ModelGraph",
     "OpNode",
@@ -47,6 +53,7 @@ __all__ = [
     "chain",
     "const_sparsity",
     "errors",
+    "protocol",
     "filter_pruning",
     "export",
     "from_config",

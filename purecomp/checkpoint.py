@@ -2,18 +2,21 @@
 
 A state (structs, dicts, tuples, lists, tensors, plain values) is encoded as a JSON document
 in which every tensor is replaced by ``{"$tensor": i}``, plus the list of tensors. Decoding
-rebuilds only classes that are dataclasses defined inside ``purecomp`` (state structs and
-their static settings): nothing else is imported or called, so a checkpoint cannot run
-code. ``save_state`` / ``load_state`` write one safetensors file whose metadata holds the
-JSON; ``encode_state`` / ``decode_state`` give the same pair for ``torch.save`` payloads
+rebuilds only dataclasses defined inside ``purecomp`` (state structs and their static
+settings) and the state classes registered with ``purecomp.register_algorithm``: nothing is
+imported by a name read from the file, and nothing else is called, so a checkpoint cannot run
+code. ``save_record`` / ``load_record`` are the one file format (safetensors: the tensors, the JSON in
+its metadata) of ``save_state`` and of the transformers integration's state file; ``encode_state`` / ``decode_state`` give the same pair for ``torch.save`` payloads
 (tensors and strings only, loadable with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
+import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import StateError
+from .registry import STATE_CLASSES, class_name
 
 FORMAT = "purecomp-state-1"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
@@ -37,7 +41,7 @@ def _encode(value: Any, tensors: list[Tensor], seen: dict[int, int]) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         cls = type(value)
         fields = {f.name: _encode(getattr(value, f.name), tensors, seen) for f in dataclasses.fields(value) if f.init}
-        return {"$class": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+        return {"$class": class_name(cls), "fields": fields}
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise StateError(f"cannot save a dict with non-string keys: {list(value)[:3]}")
@@ -54,17 +58,20 @@ def _encode(value: Any, tensors: list[Tensor], seen: dict[int, int]) -> Any:
 
 
 def _resolve(name: str) -> type:
+    """The class a checkpoint names: one registered with ``register_algorithm(state_classes=...)``
+    or a dataclass of an already imported ``purecomp`` module. Nothing is imported."""
+    registered = STATE_CLASSES.get(name)
+    if registered is not None:
+        return registered
     module_name, _, qualname = name.partition(":")
     if not (module_name == "purecomp" or module_name.startswith("purecomp.")):
-        raise StateError(f"state class {name!r} is not a purecomp class; refusing to load it")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise StateError(f"state class {name!r} does not exist in this version of purecomp") from None
+        raise StateError(f"state class {name!r} is not a purecomp class and was not registered with "
+                         "purecomp.register_algorithm(..., state_classes=...); refusing to load it")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
     if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
-        raise StateError(f"{name!r} is not a state class")
+        raise StateError(f"state class {name!r} does not exist in this version of purecomp")
     return obj
 
 
@@ -115,19 +122,44 @@ def decode_state(structure: str, tensors: list[Tensor]) -> Any:
     return _decode(doc["state"], [t.clone() for t in tensors])
 
 
-def save_state(path: str | Path, state: Any) -> Path:
-    """Write ``state`` as one safetensors file (tensors ``t<i>``, the JSON structure in its metadata)."""
-    from safetensors.torch import save_file
+# ------------------------------------------------------------------ one file format
 
-    structure, tensors = encode_state(state)
+RECORD_FORMAT = "purecomp-record-1"
+_LEGACY_FORMATS = ("purecomp-transformers-1",)
+
+
+def save_record(
+    path: str | Path,
+    record: Mapping[str, Any],
+    extra_tensors: Mapping[str, Tensor] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a compression record (``{"structure": ..., "tensors": [...], ...}``: what
+    ``encode_state`` or ``CompressionController.get_compression_state`` returns) as one
+    safetensors file: tensors ``state.<i>`` (and ``extra.<name>``), every other key JSON in the
+    metadata. The file is written beside ``path``, flushed and renamed over it, so a crash
+    mid-write leaves the previous file intact."""
+    from safetensors.torch import save
+
+    tensors = {f"state.{i}": t.detach().cpu().contiguous() for i, t in enumerate(record["tensors"])}
+    tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()}
+    metadata = {"format": RECORD_FORMAT, "record": json.dumps({k: v for k, v in record.items() if k != "tensors"})}
+    metadata |= {f"extra.{k}": v for k, v in (extra_metadata or {}).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"t{i}": t.contiguous() for i, t in enumerate(tensors)}, str(path), metadata={"purecomp": structure})
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
     return path
 
 
-def load_state(path: str | Path) -> Any:
-    """Read a state written by ``save_state``."""
+def load_record(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    """``(record, extra_tensors, extra_metadata)`` of a ``save_record`` file; ``StateError`` for
+    anything that is not one (files of ``save_state`` and the transformers integration written by
+    earlier versions are read too)."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
@@ -137,9 +169,38 @@ def load_state(path: str | Path) -> Any:
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError) as exc:
         raise StateError(f"cannot read a purecomp state from {str(path)!r}: {exc}") from None
-    if "purecomp" not in metadata:
+    if metadata.get("format") == RECORD_FORMAT:
+        try:
+            record = json.loads(metadata["record"])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise StateError(f"{str(path)!r}: the record metadata is damaged ({exc})") from None
+        prefix = "state."
+        extras = {k.removeprefix("extra."): v for k, v in metadata.items() if k.startswith("extra.")}
+    elif metadata.get("format") in _LEGACY_FORMATS:
+        record = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "activation_options")}
+        prefix = "state."
+        extras = {"activation_options": metadata["activation_options"]} if "activation_options" in metadata else {}
+        tensors = {(f"extra.{k[len('example.'):]}" if k.startswith("example.") else k): v for k, v in tensors.items()}
+    elif "purecomp" in metadata:  # save_state before the record format
+        record, prefix, extras = {"structure": metadata["purecomp"]}, "t", {}
+    else:
         raise StateError(f"{str(path)!r} is a safetensors file without a purecomp state")
-    ordered = [tensors[f"t{i}"] for i in range(len(tensors)) if f"t{i}" in tensors]
-    if len(ordered) != len(tensors):
-        raise StateError(f"{str(path)!r}: unexpected tensor names {sorted(tensors)[:5]}")
-    return decode_state(metadata["purecomp"], ordered)
+    count = sum(1 for k in tensors if k.startswith(prefix) and k[len(prefix):].isdigit())
+    missing = [f"{prefix}{i}" for i in range(count) if f"{prefix}{i}" not in tensors]
+    if missing:
+        raise StateError(f"{str(path)!r}: missing tensors {missing[:5]}")
+    record["tensors"] = [tensors[f"{prefix}{i}"] for i in range(count)]
+    extra_tensors = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    return record, extra_tensors, extras
+
+
+def save_state(path: str | Path, state: Any) -> Path:
+    """Write ``state`` as one safetensors file (``save_record`` of ``encode_state``)."""
+    structure, tensors = encode_state(state)
+    return save_record(path, {"structure": structure, "tensors": tensors})
+
+
+def load_state(path: str | Path) -> Any:
+    """Read a state written by ``save_state``."""
+    record, _, _ = load_record(path)
+    return decode_state(record["structure"], record["tensors"])

@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,13 @@ from torch import nn
 from .compression import Compression, chain
 from .errors import ConfigError, InputInfoError
 from .graph import ModelGraph, trace
+from .registry import ALGORITHMS
+from .registry import schema as registered_schema
 
 _DTYPES = {
     "float": torch.float32, "double": torch.float64, "half": torch.float16,
     "long": torch.int64, "int": torch.int32, "bool": torch.bool,
 }
-
-
-def _schema() -> dict[str, Any]:
-    text = resources.files("purecomp").joinpath("schema/config.schema.json").read_text()
-    return json.loads(text)
 
 
 def json_path(parts: Any) -> str:
@@ -77,15 +73,6 @@ def _validate(instance: Any, schema: dict[str, Any], root: dict[str, Any], prefi
         raise _explain(error, root)
 
 
-# algorithm name -> builder(section, origin) -> Compression; later algorithms register here
-AlgorithmBuilder = Callable[[Mapping[str, Any], str], Compression]
-ALGORITHMS: dict[str, AlgorithmBuilder] = {}
-
-
-def register_algorithm(name: str, builder: AlgorithmBuilder) -> None:
-    ALGORITHMS[name] = builder
-
-
 @dataclasses.dataclass(frozen=True)
 class BuildContext:
     """What a builder may need beyond its section; it receives it when it takes a ``context``
@@ -102,28 +89,10 @@ class BuildContext:
 
 
 def _build(name: str, section: Mapping[str, Any], origin: str, context: BuildContext) -> Compression:
-    builder = ALGORITHMS[name]
+    builder = ALGORITHMS[name].builder
     if "context" in inspect.signature(builder).parameters:
         return builder(section, origin, context=context)  # type: ignore[call-arg]
     return builder(section, origin)
-
-
-def _register_builtins() -> None:
-    from purecomp.transforms.binarize.from_config import binarization_from_config
-    from purecomp.transforms.prune.from_config import filter_pruning_from_config
-    from purecomp.transforms.quantize.from_config import quantization_from_config
-    from purecomp.transforms.sparsity.from_config import (
-        const_from_config,
-        magnitude_from_config,
-        rb_from_config,
-    )
-
-    ALGORITHMS.setdefault("quantization", quantization_from_config)
-    ALGORITHMS.setdefault("magnitude_sparsity", magnitude_from_config)
-    ALGORITHMS.setdefault("rb_sparsity", rb_from_config)
-    ALGORITHMS.setdefault("const_sparsity", const_from_config)
-    ALGORITHMS.setdefault("filter_pruning", filter_pruning_from_config)
-    ALGORITHMS.setdefault("binarization", binarization_from_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,15 +206,14 @@ def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:
         data = copy.deepcopy(dict(config))
     else:
         raise ConfigError("", f"expected a dict or a path to a JSON file, got {type(config).__name__}")
-    _register_builtins()
-    root = _schema()
+    root = registered_schema()
     _validate(data, root, root, [])
     cfg = CompressionConfig(data)
     for origin, section in cfg.algorithms:
         name = section["algorithm"]
         if name not in ALGORITHMS:
             raise ConfigError(f"{origin}algorithm", f"unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
-        sub = root["$defs"].get(name)
+        sub = ALGORITHMS[name].schema
         if sub is not None:
             prefix = _origin_parts(origin)
             _validate(section, sub, root, prefix)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from purecomp.api import CompressedModule, CompressionController, Config
+from purecomp.checkpoint import load_record, save_record
 from purecomp.compression import Compression
 from purecomp.errors import CalibrationError, ConfigError, ScopeError, StateError
 from purecomp.graph import ModelGraph, trace
@@ -61,8 +62,6 @@ GROUPED_SCOPES: tuple[str, ...] = FFN_SCOPES + (
 NUM_GROUPS = 4
 LABEL_KEYS = frozenset({"labels", "label", "label_ids"})
 STATE_FILE = "compression_state.safetensors"
-_STATE_FORMAT = "purecomp-transformers-1"
-_STATE_KEYS = ("version", "config", "signature", "scheduler", "structure")
 
 
 def use_eager_attention(model: nn.Module) -> nn.Module:
@@ -261,45 +260,22 @@ def _range_samples(config: Config) -> int:
 
 
 def save_compression_state(ctrl: CompressionController, path: str | Path, example_batch: Mapping[str, Any]) -> Path:
-    """Write ``ctrl.get_compression_state()`` and the tracing batch to one safetensors file.
-
-    Tensors ``state.<i>`` and ``example.<input name>``; the JSON parts in the metadata.
-    """
-    from safetensors.torch import save_file
-
-    saved = ctrl.get_compression_state()
-    tensors = {f"state.{i}": t.detach().cpu().contiguous() for i, t in enumerate(saved["tensors"])}
-    for name, value in model_inputs(example_batch).items():
-        if isinstance(value, Tensor):
-            tensors[f"example.{name}"] = value.detach().cpu().contiguous()
-    metadata = {"format": _STATE_FORMAT} | {k: json.dumps(saved[k]) for k in _STATE_KEYS}
+    """Write ``ctrl.get_compression_state()``, the tracing batch and the activation options to one
+    file (``purecomp.checkpoint.save_record``)."""
+    example = {name: value for name, value in model_inputs(example_batch).items() if isinstance(value, Tensor)}
     options = ctrl.activation_options if isinstance(ctrl, TransformerController) else ActivationOptions()
-    metadata["activation_options"] = options.as_json()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return save_record(path, ctrl.get_compression_state(), example, {"activation_options": options.as_json()})
 
 
 def read_compression_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(compression_state, example_batch)`` from a ``save_compression_state`` file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise StateError(f"cannot read a compression state from {str(path)!r}: {exc}") from None
-    if metadata.get("format") != _STATE_FORMAT:
-        raise StateError(f"{str(path)!r} is not a purecomp transformers state (expected format {_STATE_FORMAT!r})")
-    saved: dict[str, Any] = {k: json.loads(metadata[k]) for k in _STATE_KEYS}
+    saved, example, extras = load_record(path)
+    missing = {"version", "config", "signature", "scheduler", "structure"} - set(saved)
+    if missing:
+        raise StateError(f"{str(path)!r} is not a purecomp transformers state: missing {sorted(missing)}")
     # files written before the options were saved hold the plain method
-    saved["activation_options"] = ActivationOptions.from_json(metadata.get("activation_options", ActivationOptions().as_json()))
-    count = sum(1 for k in tensors if k.startswith("state."))
-    saved["tensors"] = [tensors[f"state.{i}"] for i in range(count)]
-    example = {k.removeprefix("example."): v for k, v in tensors.items() if k.startswith("example.")}
+    saved["activation_options"] = ActivationOptions.from_json(extras.get("activation_options",
+                                                                         ActivationOptions().as_json()))
     return saved, example
 
 

@@ -15,3 +15,9 @@ __all__ = [
     "binarize_weight",
     "binarized_convs",
 ]
+
+from purecomp.registry import register_package  # noqa: E402
+
+from .from_config import binarization_from_config  # noqa: E402
+
+register_package(__name__, {"binarization": binarization_from_config}, (BinarizationState, ActivationBinarizer))

@@ -35,3 +35,9 @@ __all__ = [
     "select_pruned_for_flops",
     "total_flops",
 ]
+
+from purecomp.registry import register_package  # noqa: E402
+
+from .from_config import filter_pruning_from_config  # noqa: E402
+
+register_package(__name__, {"filter_pruning": filter_pruning_from_config}, (FilterPruningState, PruningGroups))

@@ -31,3 +31,10 @@ __all__ = [
     "quantization",
     "weight_targets",
 ]
+
+from purecomp.registry import register_package  # noqa: E402
+
+from .from_config import quantization_from_config  # noqa: E402
+
+register_package(__name__, {"quantization": quantization_from_config},
+                 (QuantizationState, SymmetricQuantizer, AsymmetricQuantizer, GroupedQuantizer))

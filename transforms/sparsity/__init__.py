@@ -16,3 +16,13 @@ __all__ = [
     "rb_sparsity",
     "sparsified_weights",
 ]
+
+from purecomp.registry import register_package  # noqa: E402
+
+from .from_config import const_from_config, magnitude_from_config, rb_from_config  # noqa: E402
+
+register_package(
+    __name__,
+    {"magnitude_sparsity": magnitude_from_config, "rb_sparsity": rb_from_config, "const_sparsity": const_from_config},
+    (MagnitudeSparsityState, RBSparsityState, ConstSparsityState),
+)
