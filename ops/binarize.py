@@ -21,7 +21,7 @@ from .binarize_reference import (
     dorefa_binarize_reference,
     xnor_binarize_reference,
 )
-from .dispatch import _note_path, _recorders, _use_cpp
+from .dispatch import note_path, recording, use_cpp
 
 xnor_binarize = xnor_binarize_reference
 dorefa_binarize = dorefa_binarize_reference
@@ -58,9 +58,9 @@ def activation_binarize(x: Tensor, scale: Tensor, threshold: Tensor, axis: int =
     gives the same output bit for bit and the same gradients to float rounding.
     """
     axis = _check_activation_params(x, scale, threshold, axis)
-    if _use_cpp(x, scale, threshold):
-        if _recorders:
-            _note_path("cpp")
+    if use_cpp(x, scale, threshold):
+        if recording():
+            note_path("cpp")
         return (_BIN_OP if _BIN_OP is not None else _binarize_op())(x, scale, threshold, axis)
-    _note_path("reference")
+    note_path("reference")
     return activation_binarize_reference(x, scale, threshold, axis)

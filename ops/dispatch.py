@@ -80,9 +80,15 @@ def _asymmetric_op():
     return _ASYM_OP
 
 
-def _note_path(path: str) -> None:
+def note_path(path: str) -> None:
+    """Tell every active ``record_paths`` block which path an op call took."""
     for recorder in _recorders:
         recorder.append(path)
+
+
+def recording() -> bool:
+    """Whether a ``record_paths`` block is active (callers skip ``note_path`` otherwise)."""
+    return bool(_recorders)
 
 
 @contextlib.contextmanager
@@ -120,7 +126,7 @@ def _has_tangent(t: Tensor) -> bool:
     return forward_ad.unpack_dual(t).tangent is not None
 
 
-def _use_cpp(x: Tensor, *params: Tensor) -> bool:
+def use_cpp(x: Tensor, *params: Tensor) -> bool:
     """True when the C++ CPU kernels may run: eager, no transform, no tangent, CPU, supported dtypes."""
     return _kernel_path(x, *params) == "cpp"
 
@@ -162,10 +168,10 @@ def fake_quantize_symmetric(
         _check_param("scale", scale, x, axis)
     path = _kernel_path(x, scale)
     if path is not None:
-        if _recorders:
-            _note_path(path)
+        if recording():
+            note_path(path)
         return (_SYM_OP if _SYM_OP is not None else _symmetric_op())(x, scale, ql, qh, axis)
-    _note_path("reference")
+    note_path("reference")
     return fake_quantize_symmetric_reference(
         x, scale, bits=bits, signed=signed, narrow_range=narrow_range, axis=axis
     )
@@ -181,8 +187,8 @@ def fake_quantize_asymmetric(
         _check_param("input_range", input_range, x, axis)
     path = _kernel_path(x, input_low, input_range)
     if path is not None:
-        if _recorders:
-            _note_path(path)
+        if recording():
+            note_path(path)
         return (_ASYM_OP if _ASYM_OP is not None else _asymmetric_op())(x, input_low, input_range, levels, axis)
-    _note_path("reference")
+    note_path("reference")
     return fake_quantize_asymmetric_reference(x, input_low, input_range, bits=bits, axis=axis)

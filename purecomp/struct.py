@@ -47,13 +47,3 @@ def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
 
 def tree_leaves(tree: Any) -> list[Any]:
     return optree.tree_leaves(tree, namespace=NAMESPACE)
-
-
-def over_leaves(fn: Callable[..., Any], tree: Any) -> tuple[Callable[[list[Any]], Any], list[Any]]:
-    """Prepare ``fn(tree)`` for torch.func: returns ``(g, leaves)`` with ``g(leaves) == fn(tree)``."""
-    leaves, spec = tree_flatten(tree)
-
-    def on_leaves(flat: list[Any]) -> Any:
-        return fn(tree_unflatten(spec, list(flat)))
-
-    return on_leaves, leaves

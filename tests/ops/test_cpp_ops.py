@@ -20,7 +20,6 @@ from purecomp.ops import (
     record_paths,
     symmetric_levels,
 )
-from purecomp.ops.autograd import FakeQuantizeAsymmetric, FakeQuantizeSymmetric
 from purecomp.ops.reference import (
     EPS,
     adjust_asymmetric_range,
@@ -653,63 +652,6 @@ def test_eager_backward_is_visible_to_profilers_and_dispatch_modes():
         fake_quantize_asymmetric(x, scale - 2, scale * 3, bits=4).sum().backward()
     assert "purecomp.fake_quantize_asymmetric_backward.default" in log.ops
 
-
-# ----------------------------------------------------------------- autograd.Function wrappers under transforms
-
-
-def _fn_loss(x, s, low, rng):
-    a = FakeQuantizeSymmetric.apply(x, s, 6, True, True, -2)
-    b = FakeQuantizeAsymmetric.apply(x, low, rng, 5, -2)
-    return (a * b).sum() + a.square().sum()
-
-
-def _fn_reference_loss(x, s, low, rng):
-    a = fake_quantize_symmetric_reference(x, s, bits=6, signed=True, narrow_range=True, axis=-2)
-    b = fake_quantize_asymmetric_reference(x, low, rng, bits=5, axis=-2)
-    return (a * b).sum() + a.square().sum()
-
-
-FUNCTION_TRANSFORMS = {
-    "grad": lambda f, i: torch.func.grad(f, (0, 1, 2, 3))(*i),
-    "vmap(grad), per-sample x": lambda f, i: torch.func.vmap(
-        torch.func.grad(f, (0, 1, 2, 3)), (0, None, None, None)
-    )(*i),
-    "vmap(grad), per-sample params": lambda f, i: torch.func.vmap(torch.func.grad(f, (0, 1, 2, 3)))(
-        i[0],
-        *[
-            p.expand(i[0].shape[0], -1).contiguous()
-            * torch.linspace(0.8, 1.2, i[0].shape[0])[:, None]
-            for p in i[1:]
-        ],
-    ),
-    "jvp": lambda f, i: torch.func.jvp(f, i, tuple(torch.ones_like(t) for t in i)),
-    "jvp(grad)": lambda f, i: torch.func.jvp(
-        torch.func.grad(f, (0, 1, 2, 3)), i, tuple(torch.ones_like(t) for t in i)
-    ),
-    "grad(grad)": lambda f, i: torch.func.grad(
-        lambda *a: sum(g.sum() for g in torch.func.grad(f, (0, 1, 2, 3))(*a)), (0, 1, 2, 3)
-    )(*i),
-}
-
-
-@pytest.mark.parametrize("transform", list(FUNCTION_TRANSFORMS))
-def test_autograd_functions_under_transforms_match_reference(transform):
-    inputs = _loss_inputs()
-    run = FUNCTION_TRANSFORMS[transform]
-    _close_trees(run(_fn_loss, inputs), run(_fn_reference_loss, inputs))
-
-
-def test_autograd_functions_eager_gradients_match_reference():
-    inputs = _loss_inputs()
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    ref_leaves = [t.clone().requires_grad_() for t in inputs]
-    _close_trees(
-        torch.autograd.grad(_fn_loss(*leaves), leaves),
-        torch.autograd.grad(_fn_reference_loss(*ref_leaves), ref_leaves),
-    )
-
-
-# ----------------------------------------------------------------- torch.library.opcheck on the raw ops
 
 OPCHECK = [
     ("sym per-tensor f32", torch.float32, None),
