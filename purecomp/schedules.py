@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
 
 from .compression import Progress
-from .errors import ConfigError
+from .errors import ConfigError, StateError
 
 Schedule = Callable[[Progress], float]
 
@@ -25,6 +28,27 @@ FAR_FUTURE = Progress(step=10**12, epoch=10**9)
 def final_level(schedule: Schedule) -> float:
     """The level a schedule settles at: its value far past any target epoch."""
     return float(schedule(FAR_FUTURE))
+
+
+def scheduled_step(
+    state: Any, progress: Progress, params: Mapping[str, Any] | None, *, level_of: Schedule,
+    freeze_epoch: int | None, what: str, rebuild: Callable[[Mapping[str, Any], float, bool], Any],
+) -> Any:
+    """The step of a method whose masks follow ``level_of`` (its state has ``level`` and
+    ``frozen``): kept once frozen; frozen from ``freeze_epoch`` on; rebuilt from the current
+    weights, ``rebuild(params, level, frozen)`` without gradients, when the level changes
+    (``StateError`` naming ``what`` if ``params`` is missing then)."""
+    if state.frozen:
+        return state
+    frozen = freeze_epoch is not None and progress.epoch >= freeze_epoch
+    level = level_of(progress)
+    if level == state.level:
+        return dataclasses.replace(state, frozen=frozen) if frozen else state
+    if params is None:
+        raise StateError(f"{what} moves to level {level:.4f}: pass the current weights, "
+                         "method.step(state, progress, params)")
+    with torch.no_grad():
+        return rebuild(params, level, frozen)
 
 
 def progress_toward(level: float, target: float | None) -> float:

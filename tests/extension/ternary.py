@@ -135,18 +135,14 @@ def ternarization(
         return TernaryState(clips, weights, factor, enabled=start_epoch <= 0)
 
     def params_fn(params: Mapping[str, Tensor], state: TernaryState) -> dict[str, Tensor]:
-        out = dict(params)
-        if state.enabled:
-            for name in state.weights:
-                out[name] = ternarize(out[name], state.factor)
-        return out
+        chosen = state.weights if state.enabled else ()
+        return {**params, **{name: ternarize(params[name], state.factor) for name in chosen}}
 
     def sites(state: TernaryState) -> dict[str, Any]:
         return dict(state.clips) if state.enabled else {}
 
     def step(state: TernaryState, progress: pc.Progress, params: Any = None) -> TernaryState:
-        enabled = progress.epoch >= start_epoch
-        return state if enabled == state.enabled else replace(state, enabled=enabled)
+        return replace(state, enabled=progress.epoch >= start_epoch)
 
     return pc.Compression(init, params_fn, sites, lambda params, state: torch.zeros(()), step, name="ternarization")
 

@@ -35,28 +35,23 @@ def precision_from_config(spec: Mapping[str, Any] | None, path: str, context: An
         if "bitwidth_per_scope" not in spec:
             raise ConfigError(f"{path}bitwidth_per_scope", "missing; type 'manual' needs [[bits, scope], ...]")
         return manual(spec["bitwidth_per_scope"], path)
+    options = {k: spec[k] for k in allowed if k in spec}
+    device = getattr(context, "target_device", "ANY")
+    hardware_setting(device, options.get("bits"), options.get("bitwidth_assignment_mode", "strict"), origin=path)
     if kind == "autoq":
-        return _autoq_from_config(spec, path, context)
-    options = {k: spec[k] for k in HAWQ_KEYS if k in spec}
-    device = getattr(context, "target_device", "ANY")
-    hardware_setting(device, options.get("bits"), options.get("bitwidth_assignment_mode", "strict"), origin=path)
-    criterion = getattr(context, "criterion", None)
-    if criterion is None:
-        if getattr(context, "validate_only", False):
-            return None
-        raise ConfigError(path.rstrip("."), "type 'hawq' needs a loss for the Hessian: call "
-                                            "CompressionConfig.method(criterion=..., init_data=...)")
-    return hawq(criterion, data=getattr(context, "init_data", None), path=path, target_device=device, **options)
+        eval_fn = _required(context, "eval_fn", path, "type 'autoq' needs a metric to maximize: call "
+                            "CompressionConfig.method(eval_fn=..., eval_data=...)")
+        return None if eval_fn is None else autoq(eval_fn, eval_data=getattr(context, "eval_data", None), path=path,
+                                                  target_device=device, **options)
+    criterion = _required(context, "criterion", path, "type 'hawq' needs a loss for the Hessian: call "
+                          "CompressionConfig.method(criterion=..., init_data=...)")
+    return None if criterion is None else hawq(criterion, data=getattr(context, "init_data", None), path=path,
+                                               target_device=device, **options)
 
 
-def _autoq_from_config(spec: Mapping[str, Any], path: str, context: Any) -> AutoQ | None:
-    options = {k: spec[k] for k in AUTOQ_KEYS if k in spec}
-    device = getattr(context, "target_device", "ANY")
-    hardware_setting(device, options.get("bits"), options.get("bitwidth_assignment_mode", "strict"), origin=path)
-    eval_fn = getattr(context, "eval_fn", None)
-    if eval_fn is None:
-        if getattr(context, "validate_only", False):
-            return None
-        raise ConfigError(path.rstrip("."), "type 'autoq' needs a metric to maximize: call "
-                                            "CompressionConfig.method(eval_fn=..., eval_data=...)")
-    return autoq(eval_fn, eval_data=getattr(context, "eval_data", None), path=path, target_device=device, **options)
+def _required(context: Any, name: str, path: str, message: str) -> Any:
+    """``context.<name>``; ``None`` while the config is only validated; else ``ConfigError`` at ``path``."""
+    value = getattr(context, name, None)
+    if value is None and not getattr(context, "validate_only", False):
+        raise ConfigError(path.rstrip("."), message)
+    return value

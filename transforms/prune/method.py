@@ -17,8 +17,8 @@ from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, StateError
 from purecomp.graph import ModelGraph
 from purecomp.init_context import InitContext
-from purecomp.schedules import Schedule, final_level, progress_toward
-from purecomp.struct import replace, static_field, struct
+from purecomp.schedules import Schedule, final_level, progress_toward, scheduled_step
+from purecomp.struct import static_field, struct
 
 from .cost import group_rows
 from .criteria import CRITERIA, class_importance
@@ -235,19 +235,10 @@ def filter_pruning(
     def step(
         state: FilterPruningState, progress: Progress, params: Mapping[str, Tensor] | None = None
     ) -> FilterPruningState:
-        if state.frozen:
-            return state
-        frozen = freeze_epoch is not None and progress.epoch >= freeze_epoch
-        level = level_of(progress)
-        if level == state.level:
-            return replace(state, frozen=frozen) if frozen else state
-        if params is None:
-            raise StateError(
-                f"filter pruning moves to level {level:.4f}: pass the current weights, "
-                "method.step(state, progress, params)"
-            )
-        with torch.no_grad():
-            return build(state.groups, params, level, state.costs, state.inputs, frozen)
+        return scheduled_step(
+            state, progress, params, level_of=level_of, freeze_epoch=freeze_epoch, what="filter pruning",
+            rebuild=lambda p, level, frozen: build(state.groups, p, level, state.costs, state.inputs, frozen),
+        )
 
     return Compression(
         init=init,

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from purecomp.compression import Compression, Progress
-from purecomp.errors import ConfigError, StateError
+from purecomp.errors import ConfigError
 from purecomp.init_context import InitContext
-from purecomp.schedules import Schedule, constant, final_level, progress_toward
-from purecomp.struct import replace, static_field, struct
+from purecomp.schedules import Schedule, constant, final_level, progress_toward, scheduled_step
+from purecomp.struct import static_field, struct
 
 from .common import apply_masks, keep_largest, level_rows, sparsified_weights, sparsity_table
 
@@ -89,19 +89,12 @@ def magnitude_sparsity(
         return MagnitudeSparsityState(masks, level, target=final_level(level_of))
 
     def step(state: MagnitudeSparsityState, progress: Progress, params: Mapping[str, Tensor] | None = None) -> MagnitudeSparsityState:
-        if state.frozen:
-            return state
-        frozen = freeze_epoch is not None and progress.epoch >= freeze_epoch
-        level = level_of(progress)
-        if level == state.level:
-            return replace(state, frozen=frozen) if frozen else state
-        if params is None:
-            raise StateError(
-                f"magnitude sparsity moves to level {level:.4f}: pass the current weights, "
-                "method.step(state, progress, params)"
-            )
-        masks = magnitude_masks(params, list(state.masks), level, weight_importance, level_mode)
-        return MagnitudeSparsityState(masks, level, frozen, state.target)
+        def rebuild(current: Mapping[str, Tensor], level: float, frozen: bool) -> MagnitudeSparsityState:
+            masks = magnitude_masks(current, list(state.masks), level, weight_importance, level_mode)
+            return MagnitudeSparsityState(masks, level, frozen, state.target)
+
+        return scheduled_step(state, progress, params, level_of=level_of, freeze_epoch=freeze_epoch,
+                              what="magnitude sparsity", rebuild=rebuild)
 
     return Compression(
         init=init,
