@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -11,8 +12,29 @@ from typing import Any
 from purecomp.errors import ConfigError
 
 
+class JsonReport(abc.ABC):
+    """``save(path)`` writes ``to_json()`` as JSON; ``load(path)`` rebuilds with ``from_json``."""
+
+    @abc.abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
+
+    @classmethod
+    @abc.abstractmethod
+    def from_json(cls, data: dict[str, Any]) -> Any: ...
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON; ``load_plan`` reads the plan back."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
 @dataclasses.dataclass(frozen=True)
-class PrecisionReport:
+class PrecisionReport(JsonReport):
     """A HAWQ result. ``plan`` (quantizer key -> bits) is what ``quantization(precision=...)`` takes.
 
     ``traces``: average Hessian trace per weight (``tr(H_i) / numel(W_i)``); ``sensitivity``:
@@ -34,15 +56,8 @@ class PrecisionReport:
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "bits": list(self.bits)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the report as JSON; ``load_plan`` reads the plan back."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
-
     @classmethod
-    def load(cls, path: str | Path) -> PrecisionReport:
-        data = json.loads(Path(path).read_text())
+    def from_json(cls, data: dict[str, Any]) -> PrecisionReport:
         return cls(**{**data, "bits": tuple(data["bits"])})
 
     def plot(self, path: str | Path, title: str = "HAWQ") -> Path:

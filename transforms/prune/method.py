@@ -19,6 +19,7 @@ from purecomp.graph import ModelGraph
 from purecomp.init_context import InitContext
 from purecomp.schedules import Schedule, final_level, progress_toward, scheduled_step
 from purecomp.struct import static_field, struct
+from purecomp.transforms.sparsity.common import masking_method
 
 from .cost import group_rows
 from .criteria import CRITERIA, class_importance
@@ -154,13 +155,6 @@ def pruning_masks(
     return masks
 
 
-def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = dict(params)
-    for name, mask in masks.items():
-        out[name] = out[name] * mask
-    return out
-
-
 def filter_pruning(
     schedule: Schedule | float = 0.5,
     *,
@@ -240,11 +234,4 @@ def filter_pruning(
             rebuild=lambda p, level, frozen: build(state.groups, p, level, state.costs, state.inputs, frozen),
         )
 
-    return Compression(
-        init=init,
-        params=lambda params, state: apply_masks(params, state.masks),
-        sites=lambda state: {},
-        loss=lambda params, state: torch.zeros(()),
-        step=step,
-        name="filter_pruning",
-    )
+    return masking_method(init, step, "filter_pruning")

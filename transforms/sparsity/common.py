@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from purecomp.compression import Compression
 from purecomp.graph import ModelGraph
 from purecomp.op_kinds import EMBEDDING_OPS
 from purecomp.scopes import Scope, select_sites
@@ -21,6 +23,18 @@ def sparsified_weights(
     ``scope`` (``InitContext.scope``) restricts the sites further."""
     allowed = select_sites(graph, ignored_scopes, target_scopes, origin, scope)
     return [t.param for t in weight_targets(graph, allowed) if t.op not in EMBEDDING_OPS]
+
+
+def masking_method(init: Callable[[Any], Any], step: Callable[..., Any], name: str) -> Compression:
+    """A method whose weight transform is ``w * mask`` for ``state.masks``, with no site and no loss."""
+    return Compression(
+        init=init,
+        params=lambda params, state: apply_masks(params, state.masks),
+        sites=lambda state: {},
+        loss=lambda params, state: torch.zeros(()),
+        step=step,
+        name=name,
+    )
 
 
 def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from purecomp.compression import Compression
 from purecomp.init_context import InitContext
 from purecomp.struct import struct
 
-from .common import apply_masks, level_rows, sparsified_weights, sparsity_table, zero_fraction
+from .common import level_rows, masking_method, sparsified_weights, sparsity_table, zero_fraction
 
 
 @struct
@@ -40,11 +39,4 @@ def const_sparsity(
         params = context.params
         return ConstSparsityState({n: (params[n].detach() != 0).to(params[n].dtype) for n in names})
 
-    return Compression(
-        init=init,
-        params=lambda params, state: apply_masks(params, state.masks),
-        sites=lambda state: {},
-        loss=lambda params, state: torch.zeros(()),
-        step=lambda state, progress, params=None: state,
-        name="const_sparsity",
-    )
+    return masking_method(init, lambda state, progress, params=None: state, "const_sparsity")

@@ -14,7 +14,7 @@ from purecomp.init_context import InitContext
 from purecomp.schedules import Schedule, constant, final_level, progress_toward, scheduled_step
 from purecomp.struct import static_field, struct
 
-from .common import apply_masks, keep_largest, level_rows, sparsified_weights, sparsity_table
+from .common import keep_largest, level_rows, masking_method, sparsified_weights, sparsity_table
 
 IMPORTANCES = ("abs", "normed_abs")
 LEVEL_MODES = ("global", "local")
@@ -96,11 +96,4 @@ def magnitude_sparsity(
         return scheduled_step(state, progress, params, level_of=level_of, freeze_epoch=freeze_epoch,
                               what="magnitude sparsity", rebuild=rebuild)
 
-    return Compression(
-        init=init,
-        params=lambda params, state: apply_masks(params, state.masks),
-        sites=lambda state: {},
-        loss=lambda params, state: torch.zeros(()),
-        step=step,
-        name="magnitude_sparsity",
-    )
+    return masking_method(init, step, "magnitude_sparsity")

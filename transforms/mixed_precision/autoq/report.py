@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
+
+from ..report import JsonReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Episode:
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoQReport:
+class AutoQReport(JsonReport):
     """An AutoQ result. ``plan`` (quantizer key -> bits) is what ``quantization(precision=...)``
     takes, as for HAWQ. ``ratio``: size ratio of the plan (``target``: the requested one);
     ``baseline``: ``eval_fn`` of uniform INT8 (widest allowed bits); ``score``: of the plan, found at
@@ -45,15 +46,8 @@ class AutoQReport:
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "bits": list(self.bits), "log": [dataclasses.asdict(e) for e in self.log]}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the report as JSON; ``mixed_precision.load_plan`` reads the plan back."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
-
     @classmethod
-    def load(cls, path: str | Path) -> AutoQReport:
-        data = json.loads(Path(path).read_text())
+    def from_json(cls, data: dict[str, Any]) -> AutoQReport:
         return cls(**{**data, "bits": tuple(data["bits"]), "log": tuple(Episode(**e) for e in data["log"])})
 
     def plot(self, path: str | Path, title: str = "AutoQ") -> Path:
