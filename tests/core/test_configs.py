@@ -36,7 +36,7 @@ from torch import nn
 import purecomp as pc
 from purecomp.struct import tree_flatten
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CONFIGS = sorted((EXAMPLES / "configs").glob("*.json"))
 HEAVY = {"resnet50", "mobilenet_v2", "inception_v3"}  # their mixed-precision builds are slow
 SLOW_MODELS = {"inception_v3"}  # every build of these is slow

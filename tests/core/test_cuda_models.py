@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (none here; these tests run on GPU machines)", allow_module_level=True)
 
 CUDA = torch.device("cuda")
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 SAMPLE_CONFIGS = [
     "resnet18_int8",
     "resnet18_imagenet_binarization_xnor",

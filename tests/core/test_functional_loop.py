@@ -14,7 +14,7 @@ import torch
 
 import purecomp as pc
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import functional_loop as fl  # noqa: E402

@@ -304,7 +304,7 @@ def test_compression_trainer_needs_data_or_state(tmp_path):
 
 
 def _bench():
-    path = Path(__file__).parent.parent / "bench" / "minilm_fidelity.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "minilm_fidelity.py"
     spec = importlib.util.spec_from_file_location("minilm_fidelity", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
