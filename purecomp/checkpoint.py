@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,6 @@ from .errors import StateError
 from .registry import STATE_CLASSES, class_name
 
 FORMAT = "purecomp-state-1"
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
-                                torch.uint8, torch.int32, torch.int64, torch.bool)}
 
 
 def _encode(value: Any, tensors: list[Tensor], seen: dict[int, int]) -> Any:
@@ -75,29 +74,51 @@ def _resolve(name: str) -> type:
     return obj
 
 
+def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise StateError(f"malformed saved state: {what} is a {type(value).__name__}")
+    return value
+
+
+def _decode_tensor(value: dict[str, Any], tensors: list[Tensor]) -> Tensor:
+    index = value["$tensor"]
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(tensors):
+        raise StateError(f"state refers to tensor {index!r}, but the checkpoint holds {len(tensors)} tensors")
+    tensor = tensors[index]
+    trainable = bool(value.get("requires_grad", False))
+    if trainable and not (tensor.is_floating_point() or tensor.is_complex()):
+        raise StateError(f"saved tensor {index} ({tensor.dtype}) is marked trainable; only float tensors can be")
+    return tensor.requires_grad_(trainable)
+
+
+def _decode_dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise StateError(f"malformed saved state: {name!r} is not a torch dtype")
+    return dtype
+
+
 def _decode(value: Any, tensors: list[Tensor]) -> Any:
     if isinstance(value, list):
         return [_decode(v, tensors) for v in value]
     if not isinstance(value, dict):
         return value
     if "$tensor" in value:
-        index = value["$tensor"]
-        if not isinstance(index, int) or not 0 <= index < len(tensors):
-            raise StateError(f"state refers to tensor {index!r}, but the checkpoint holds {len(tensors)} tensors")
-        return tensors[index].requires_grad_(bool(value.get("requires_grad", False)))
+        return _decode_tensor(value, tensors)
     if "$class" in value:
-        cls = _resolve(value["$class"])
-        fields = {k: _decode(v, tensors) for k, v in value["fields"].items()}
+        name = _expect(value["$class"], str, "a class name")
+        cls = _resolve(name)
+        fields = {k: _decode(v, tensors) for k, v in _expect(value.get("fields"), dict, f"the fields of {name}").items()}
         try:
             return cls(**fields)
         except TypeError as exc:
-            raise StateError(f"cannot rebuild {value['$class']}: {exc}") from None
+            raise StateError(f"cannot rebuild {name}: {exc}") from None
     if "$dict" in value:
-        return {k: _decode(v, tensors) for k, v in value["$dict"].items()}
+        return {k: _decode(v, tensors) for k, v in _expect(value["$dict"], dict, "a $dict entry").items()}
     if "$tuple" in value:
-        return tuple(_decode(v, tensors) for v in value["$tuple"])
+        return tuple(_decode(v, tensors) for v in _expect(value["$tuple"], list, "a $tuple entry"))
     if "$dtype" in value:
-        return _DTYPES[value["$dtype"]]
+        return _decode_dtype(value["$dtype"])
     raise StateError(f"unknown entry in a saved state: {sorted(value)}")
 
 
@@ -114,8 +135,8 @@ def decode_state(structure: str, tensors: list[Tensor]) -> Any:
         doc = json.loads(structure)
     except (TypeError, json.JSONDecodeError) as exc:
         raise StateError(f"the saved state structure is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise StateError(f"not a purecomp state (expected format {FORMAT!r})")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
+        raise StateError(f"not a purecomp state (expected format {FORMAT!r} with a 'state')")
     for t in tensors:
         if not isinstance(t, Tensor):
             raise StateError(f"a saved state tensor is a {type(t).__name__}, not a Tensor")
@@ -147,12 +168,17 @@ def save_record(
     metadata |= {f"extra.{k}": v for k, v in (extra_metadata or {}).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(save(tensors, metadata=metadata))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    payload = save(tensors, metadata=metadata)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
 
 

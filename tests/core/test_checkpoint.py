@@ -149,20 +149,19 @@ def test_malformed_structures_raise_state_error(structure, tensors, match):
         decode_state(structure, tensors)
 
 
-@pytest.mark.xfail(strict=True, reason="decode_state lets KeyError/AttributeError/TypeError through for these; "
-                                        "drop this mark when they raise StateError")
 @pytest.mark.parametrize(
     "state",
     [
         {"$class": "purecomp.compression:Progress"},  # no "fields"
-        {"$dtype": "torch.complex64"},  # a dtype encode_state writes but decode_state does not know
+        {"$dtype": "torch.not_a_dtype"},
         {"$dict": [1, 2]},
         {"$tuple": 3},
         {"$class": 3, "fields": {}},
     ],
-    ids=["class-without-fields", "unknown-dtype", "dict-not-a-mapping", "tuple-not-a-list", "class-not-a-string"],
+    ids=["class-without-fields", "not-a-dtype", "dict-not-a-mapping", "tuple-not-a-list", "class-not-a-string"],
 )
 def test_more_malformed_structures_should_raise_state_error(state):
+    """Every malformed entry raises StateError, never KeyError / AttributeError / TypeError."""
     with pytest.raises(StateError):
         decode_state(doc(state), [])
 
@@ -273,3 +272,15 @@ def test_files_of_the_pre_record_layout_still_load(tmp_path):
               metadata={"purecomp": encode_state((torch.ones(1), torch.ones(1), torch.ones(1)))[0]})
     with pytest.raises(StateError):
         load_state(tmp_path / "old_gap.safetensors")
+
+
+def test_every_torch_dtype_round_trips():
+    dtypes = (torch.complex64, torch.float8_e4m3fn, torch.int16, torch.uint8)
+    structure, tensors = encode_state({"dtypes": dtypes})
+    assert decode_state(structure, tensors) == {"dtypes": dtypes}
+
+
+def test_integer_tensors_cannot_be_marked_trainable():
+    structure, tensors = encode_state((torch.ones(2),))
+    with pytest.raises(StateError, match="only float tensors"):
+        decode_state(structure.replace('"requires_grad": false', '"requires_grad": true'), [torch.ones(2, dtype=torch.int64)])
