@@ -33,6 +33,8 @@ from purecomp.transforms.mixed_precision.autoq import (
 from purecomp.transforms.quantize.placement import activation_targets, weight_targets
 from purecomp.transforms.quantize.precision import PrecisionRequest
 
+from checks import assert_config_error
+
 
 class Synthetic:
     """Six equal units; the two depthwise ones score best at 2 bits, the others at 8:
@@ -304,11 +306,7 @@ def test_front_door_takes_the_autoq_metric_like_nncf():
     ],
 )
 def test_config_errors_name_the_key(cfg, call, path, message):
-    with pytest.raises(ConfigError) as info:
-        config = pc.load_config(cfg)
-        config.method(**call)
-    assert info.value.path == path
-    assert message in str(info.value)
+    assert_config_error(cfg, call, path, message)
 
 
 def test_unreachable_ratio_names_the_key():

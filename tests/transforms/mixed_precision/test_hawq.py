@@ -25,6 +25,8 @@ from purecomp.transforms.mixed_precision import (
     search,
 )
 
+from checks import assert_config_error
+
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
@@ -308,11 +310,7 @@ def test_config_hawq_builds_the_same_plan_as_code():
     ],
 )
 def test_config_errors_name_the_key(cfg, call, path, message):
-    with pytest.raises(ConfigError) as info:
-        config = pc.load_config(cfg)
-        config.method(**call)
-    assert info.value.path == path
-    assert message in str(info.value)
+    assert_config_error(cfg, call, path, message)
 
 
 def test_config_errors_at_init():
