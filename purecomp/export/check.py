@@ -37,7 +37,9 @@ class CheckResult:
     output_quantized: bool
 
 
-def _session(path: Path, optimized: bool, optimized_path: Path | None = None):
+def ort_session(path: Path, optimized: bool, optimized_path: Path | None = None):
+    """An onnxruntime CPU session over ``path``: every graph optimization or none; with
+    ``optimized_path`` onnxruntime also writes the graph it runs there."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -50,7 +52,7 @@ def _session(path: Path, optimized: bool, optimized_path: Path | None = None):
 
 
 def run_onnx(path: str | Path, inputs: Sequence[Tensor], optimized: bool = True) -> list[np.ndarray]:
-    session = _session(Path(path), optimized)
+    session = ort_session(Path(path), optimized)
     feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)
 
@@ -59,7 +61,7 @@ def fused_op_counts(path: str | Path) -> Counter:
     """Op types of the graph onnxruntime actually runs (all optimizations on), counted."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        _session(Path(path), True, optimized)
+        ort_session(Path(path), True, optimized)
         return Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
 
 

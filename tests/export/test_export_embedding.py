@@ -89,7 +89,7 @@ def test_only_plain_quantized_embeddings_without_sites_are_swapped():
 @pytest.mark.parametrize("mode, per_channel", [("symmetric", True), ("asymmetric", True), ("symmetric", False)])
 def test_embedding_export_gathers_integer_rows_and_agrees_with_pytorch(mode, per_channel, tmp_path):
     pytest.importorskip("onnxruntime")
-    from purecomp.export.check import _session
+    from purecomp.export.check import ort_session
 
     model, ids = Lookup().eval(), _ids()
     method = pc.quantization(weights=dict(mode=mode, per_channel=per_channel))
@@ -101,7 +101,7 @@ def test_embedding_export_gathers_integer_rows_and_agrees_with_pytorch(mode, per
     assert result.max_steps <= 1.0 + 1e-4 and result.fused_max_steps <= 1.0 + 1e-4, result
 
     optimized = tmp_path / "optimized.onnx"
-    _session(path, True, optimized)
+    ort_session(path, True, optimized)
     for graph_path in (path, optimized):
         graph = onnx.load(str(graph_path)).graph
         tables = {i.name: i for i in graph.initializer if list(i.dims) == [VOCAB, DIM]}

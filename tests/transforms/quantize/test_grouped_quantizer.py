@@ -238,12 +238,12 @@ def test_grouped_bert_exports_to_integer_matmuls_that_onnxruntime_runs(tmp_path)
     # The FFN output linear reads GELU(intermediate) in group order: no permutation at all
     import onnx
 
-    from purecomp.export.check import _session
+    from purecomp.export.check import ort_session
     from purecomp.transforms.quantize.placement import source_of
 
     assert {name for name, m in linears.items() if m.input_in_order} == {
         f"encoder.layer.{i}.output.dense" for i in range(2)}
-    _session(path, True, tmp_path / "optimized.onnx")
+    ort_session(path, True, tmp_path / "optimized.onnx")
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     producer = {out: n for n in graph.node for out in n.output}
     permutations = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in producer
