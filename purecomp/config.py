@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from .compression import Compression, chain
-from .errors import ConfigError, InputInfoError
+from .errors import ConfigError, InputInfoError, warn_no_effect
 from .graph import ModelGraph, trace
 from .registry import ALGORITHMS
 from .registry import schema as registered_schema
+
+DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's default for num_bn_adaptation_samples
 
 _DTYPES = {
     "float": torch.float32, "double": torch.float64, "half": torch.float16,
@@ -103,8 +105,9 @@ class CompressionConfig:
 
     @property
     def algorithms(self) -> list[tuple[str, Mapping[str, Any]]]:
-        """``(origin, section)`` for each compression algorithm, in order."""
-        section = self.data["compression"]
+        """``(origin, section)`` for each compression algorithm, in order (none without ``compression``,
+        which NNCF allows: the model is wrapped uncompressed)."""
+        section = self.data.get("compression", [])
         if isinstance(section, list):
             return [(f"compression[{i}].", s) for i, s in enumerate(section)]
         return [("compression.", section)]
@@ -129,9 +132,12 @@ class CompressionConfig:
 
     @property
     def num_bn_adaptation_samples(self) -> int:
-        """Largest BatchNorm-adaptation sample count requested by any algorithm (0: none)."""
+        """Largest BatchNorm-adaptation sample count requested by any algorithm (0: none). A section
+        without ``initializer.batchnorm_adaptation.num_bn_adaptation_samples`` asks for NNCF's
+        default, ``DEFAULT_BN_ADAPTATION_SAMPLES`` (2000); set it to 0 to turn adaptation off."""
         counts = [
-            s.get("initializer", {}).get("batchnorm_adaptation", {}).get("num_bn_adaptation_samples", 0)
+            s.get("initializer", {}).get("batchnorm_adaptation", {}).get(
+                "num_bn_adaptation_samples", DEFAULT_BN_ADAPTATION_SAMPLES)
             for _, s in self.algorithms
         ]
         return max(counts, default=0)
@@ -192,6 +198,31 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_nncf_root(data: Mapping[str, Any], cfg: CompressionConfig) -> None:
+    """NNCF's root-level keys purecomp cannot honour: a ``ConfigError`` where they change results,
+    a ``NoEffectWarning`` where they do not."""
+    if "accuracy_aware_training" in data:
+        raise ConfigError(
+            "accuracy_aware_training",
+            "NNCF's accuracy-aware training loop (early exit / adaptive compression level) is not implemented: it "
+            "would change the compression level and the number of epochs during training; remove the key and "
+            "choose the compression level yourself",
+        )
+    paths = [("compression_lr_multiplier", data)] + [
+        (f"{origin}compression_lr_multiplier", s) for origin, s in cfg.algorithms
+    ]
+    for path, holder in paths:
+        if "compression_lr_multiplier" in holder and holder["compression_lr_multiplier"] != 1:
+            raise ConfigError(
+                path,
+                "scaling the gradients of compression parameters is not implemented (it would change training); "
+                "give the compression state's parameters their own optimizer group with the learning rate you want",
+            )
+    if "disable_shape_matching" in data:
+        warn_no_effect("disable_shape_matching",
+                       "purecomp records the graph by running the model and matches call sites by name, not by shape")
+
+
 def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:
     """Read (when a path) and validate a config; unknown keys and wrong types raise ``ConfigError``."""
     if isinstance(config, (str, Path)):
@@ -209,6 +240,7 @@ def load_config(config: Mapping[str, Any] | str | Path) -> CompressionConfig:
     root = registered_schema()
     _validate(data, root, root, [])
     cfg = CompressionConfig(data)
+    _check_nncf_root(data, cfg)
     for origin, section in cfg.algorithms:
         name = section["algorithm"]
         if name not in ALGORITHMS:

@@ -15,6 +15,18 @@ class ConfigError(PurecompError, ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class NoEffectWarning(UserWarning):
+    """A config key NNCF accepts that purecomp reads but cannot honour: it has no effect."""
+
+
+def warn_no_effect(path: str, why: str) -> None:
+    """Warn (``NoEffectWarning``) that the config key at JSON ``path`` has no effect, and why."""
+    import warnings
+
+    warnings.warn(f"{path}: accepted for NNCF compatibility but has no effect in purecomp: {why}",
+                  NoEffectWarning, stacklevel=3)
+
+
 class ScopeError(ConfigError):
     """An ``ignored_scopes`` / ``target_scopes`` entry matches no site of the model."""
 

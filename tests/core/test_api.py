@@ -149,10 +149,14 @@ def test_nncf_config_files_load_and_run(name, tmp_path):
 
 def test_unimplemented_nncf_key_is_named():
     cfg = copy.deepcopy(NNCF_CONFIGS["binarization"])
-    cfg["compression"]["params"]["batch_multiplier"] = 4
+    cfg["compression"]["params"]["batch_multiplier"] = 4  # the training loop's business: a warning
+    with pytest.warns(pc.errors.NoEffectWarning, match=r"compression\.params\.batch_multiplier.*no effect"):
+        pc.Config.from_dict(cfg)
+    cfg = copy.deepcopy(NNCF_CONFIGS["binarization"])
+    cfg["compression"]["compression_lr_multiplier"] = 10  # it would change training: an error
     with pytest.raises(ConfigError) as info:
         pc.Config.from_dict(cfg)
-    assert info.value.path == "compression.params.batch_multiplier"
+    assert info.value.path == "compression.compression_lr_multiplier"
 
 
 # ---------------------------------------------------------------- checkpoints

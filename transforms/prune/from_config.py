@@ -7,7 +7,8 @@ from typing import Any
 
 from purecomp import schedules
 from purecomp.compression import Compression
-from purecomp.errors import ConfigError
+from purecomp.errors import ConfigError, warn_no_effect
+from purecomp.scoped import section_scoped
 
 from .method import filter_pruning
 
@@ -51,18 +52,29 @@ def filter_pruning_from_config(section: Mapping[str, Any], origin: str) -> Compr
     if ranking != "unweighted_ranking":
         raise ConfigError(
             f"{origin}params.interlayer_ranking_type",
-            f"expected 'unweighted_ranking', got {ranking!r}",
+            f"{ranking!r} (LeGR's learned ranking) is not implemented; expected 'unweighted_ranking'",
         )
+    for key in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path"):
+        if key in params:
+            warn_no_effect(f"{origin}params.{key}", "it configures learned_ranking, which purecomp does not implement")
+    if params.get("all_weights", False):
+        raise ConfigError(f"{origin}params.all_weights", "ranking filters across all layers together is not "
+                          "implemented; expected false (filters ranked layer by layer, NNCF's default)")
+    if "filter_importance" in params and "weight_importance" in params \
+            and params["filter_importance"] != params["weight_importance"]:
+        raise ConfigError(f"{origin}params.filter_importance", "given twice with different values (also as "
+                          "weight_importance, purecomp's older name); keep filter_importance")
+    criterion = params.get("filter_importance", params.get("weight_importance", "L2"))
     schedule, freeze_epoch = pruning_schedule_from_config(section, origin)
-    return filter_pruning(
+    return section_scoped(section, lambda ignored, target: filter_pruning(
         schedule,
-        criterion=params.get("weight_importance", "L2"),
+        criterion=criterion,
         prune_first_conv=params.get("prune_first_conv", False),
         prune_downsample_convs=params.get("prune_downsample_convs", False),
         prune_batch_norms=params.get("prune_batch_norms", True),
         freeze_epoch=freeze_epoch,
         flops="pruning_flops_target" in params,
-        ignored_scopes=section.get("ignored_scopes", ()),
-        target_scopes=section.get("target_scopes"),
+        ignored_scopes=ignored,
+        target_scopes=target,
         origin=origin,
-    )
+    ))

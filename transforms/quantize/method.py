@@ -208,7 +208,7 @@ def activation_quantizers(
     context.calibrate(list(stats), lambda key, x: stats[key].observe(x), init_cfg.num_init_samples, "range init")
     out = {}
     for t in targets:
-        low, high = stats[t.key].range(init_cfg)
+        low, high = stats[t.key].range(init_cfg, asymmetric=settings.mode == "asymmetric")
         signed = settings.signed if settings.signed is not None else stats[t.key].saw_negative
         out[t.key] = make_quantizer(
             settings.mode, low, high, bits=plan.get(t.key, settings.bits), signed=signed,

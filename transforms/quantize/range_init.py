@@ -1,7 +1,9 @@
 """Activation range statistics from calibration data, and the initializer types.
 
 Types (NNCF's names): ``min_max`` (global min / max), ``mean_min_max`` (mean over batches
-of each batch's min / max), ``threesigma`` (``mean -/+ 3 std`` over all values),
+of each batch's min / max), ``mixed_min_max`` (NNCF's default for configs: per-sample minima and
+maxima; the range's top is the mean of the per-sample maxima, its bottom the mean of the
+per-sample minima for an asymmetric quantizer and their minimum for a symmetric one), ``threesigma`` (``mean -/+ 3 std`` over all values),
 ``percentile`` (``min_percentile`` / ``max_percentile`` of all values, in percent) and
 ``mean_percentile`` (mean over batches of each batch's percentiles).
 """
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from purecomp.errors import ConfigError
 
-RANGE_TYPES = ("min_max", "mean_min_max", "threesigma", "percentile", "mean_percentile")
+RANGE_TYPES = ("mixed_min_max", "min_max", "mean_min_max", "threesigma", "percentile", "mean_percentile")
 SAMPLE_CAP = 1 << 18  # values kept per batch for percentiles (evenly strided subsample)
 
 
@@ -49,6 +51,8 @@ class TensorStatistics:
         self.total_sq: Tensor | float = 0.0
         self.count = 0
         self.samples: list[Tensor] = []
+        self.sample_mins: list[Tensor] = []  # per sample (dim 0 of each batch), for mixed_min_max
+        self.sample_maxs: list[Tensor] = []
 
     def observe(self, x: Tensor) -> None:
         flat = x.detach().float().reshape(-1)
@@ -56,6 +60,9 @@ class TensorStatistics:
             return
         self.mins.append(flat.min())
         self.maxs.append(flat.max())
+        per_sample = x.detach().float().reshape(x.shape[0], -1) if x.dim() >= 2 and x[0].numel() else flat[None]
+        self.sample_mins.append(per_sample.amin(dim=1))
+        self.sample_maxs.append(per_sample.amax(dim=1))
         self.total += flat.double().sum()
         self.total_sq += flat.double().square().sum()
         self.count += flat.numel()
@@ -67,9 +74,12 @@ class TensorStatistics:
         """Signedness rule: an activation quantizer is signed iff calibration saw a negative value."""
         return bool(torch.stack(self.mins).min() < 0) if self.mins else False
 
-    def range(self, init: RangeInit) -> tuple[Tensor, Tensor]:
+    def range(self, init: RangeInit, asymmetric: bool = False) -> tuple[Tensor, Tensor]:
+        """``(low, high)``; ``asymmetric`` (the quantizer's mode) matters to ``mixed_min_max`` only."""
         if not self.mins:
             raise ConfigError("initializer.range", "a quantizer saw no values during range initialization")
+        if init.type == "mixed_min_max":
+            return _mixed_min_max(self, asymmetric)
         return _RANGE_FNS[init.type](self, init)
 
 
@@ -79,6 +89,11 @@ def _min_max(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
 
 def _mean_min_max(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:
     return torch.stack(s.mins).mean(), torch.stack(s.maxs).mean()
+
+
+def _mixed_min_max(s: TensorStatistics, asymmetric: bool) -> tuple[Tensor, Tensor]:
+    mins, maxs = torch.cat(s.sample_mins), torch.cat(s.sample_maxs)
+    return (mins.mean() if asymmetric else mins.min()), maxs.mean()
 
 
 def _three_sigma(s: TensorStatistics, init: RangeInit) -> tuple[Tensor, Tensor]:

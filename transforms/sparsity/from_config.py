@@ -9,6 +9,7 @@ from typing import Any
 from purecomp import schedules
 from purecomp.compression import Compression
 from purecomp.errors import ConfigError
+from purecomp.scoped import section_scoped
 
 from .const import const_sparsity
 from .magnitude import magnitude_sparsity
@@ -17,6 +18,16 @@ from .rb import rb_sparsity
 # NNCF's defaults
 DEFAULT_SCHEDULE = {"magnitude_sparsity": "polynomial", "rb_sparsity": "exponential"}
 DEFAULT_TARGET, DEFAULT_TARGET_EPOCH, DEFAULT_FREEZE_EPOCH = 0.5, 90, 100
+DEFAULT_POWER = 0.9  # NNCF's polynomial power (purecomp's schedules.polynomial keeps its own default)
+
+
+def _param(section: Mapping[str, Any], key: str, default: Any, origin: str) -> Any:
+    """``params.<key>`` (NNCF's place) or ``<key>`` at the section level (purecomp's older alias)."""
+    params = section.get("params", {})
+    if key in params and key in section and params[key] != section[key]:
+        raise ConfigError(f"{origin}params.{key}", f"given twice with different values ({params[key]!r} here, "
+                          f"{section[key]!r} at {origin}{key}); keep params.{key}")
+    return params.get(key, section.get(key, default))
 
 
 def schedule_from_config(section: Mapping[str, Any], origin: str) -> tuple[Any, dict | None, int]:
@@ -41,7 +52,7 @@ def schedule_from_config(section: Mapping[str, Any], origin: str) -> tuple[Any, 
     per_step = params.get("update_per_optimizer_step", False)
     steps_per_epoch = params.get("steps_per_epoch")
     if kind == "polynomial":
-        schedule = schedules.polynomial(init, target, target_epoch, params.get("power", 3.0),
+        schedule = schedules.polynomial(init, target, target_epoch, params.get("power", DEFAULT_POWER),
                                         params.get("concave", True), per_step, steps_per_epoch, path)
     elif kind == "exponential":
         schedule = schedules.exponential(init, target, target_epoch, per_step, steps_per_epoch, path)
@@ -61,31 +72,35 @@ def schedule_from_config(section: Mapping[str, Any], origin: str) -> tuple[Any, 
 
 def magnitude_from_config(section: Mapping[str, Any], origin: str) -> Compression:
     schedule, _, freeze_epoch = schedule_from_config(section, origin)
-    return magnitude_sparsity(
+    importance = _param(section, "weight_importance", "normed_abs", origin)
+    level_mode = _param(section, "sparsity_level_setting_mode", "global", origin)
+    return section_scoped(section, lambda ignored, target: magnitude_sparsity(
         schedule,
-        weight_importance=section.get("weight_importance", "normed_abs"),
-        level_mode=section.get("sparsity_level_setting_mode", "global"),
+        weight_importance=importance,
+        level_mode=level_mode,
         freeze_epoch=freeze_epoch,
-        ignored_scopes=section.get("ignored_scopes", ()),
-        target_scopes=section.get("target_scopes"),
+        ignored_scopes=ignored,
+        target_scopes=target,
         origin=origin,
-    )
+    ))
 
 
 def rb_from_config(section: Mapping[str, Any], origin: str) -> Compression:
     schedule, adaptive, freeze_epoch = schedule_from_config(section, origin)
-    return rb_sparsity(
+    if section.get("params", {}).get("sparsity_level_setting_mode", "global") != "global":
+        raise ConfigError(f"{origin}params.sparsity_level_setting_mode", "RB sparsity with a per-layer (local) "
+                          "target is not implemented (it changes the loss); expected 'global'")
+    return section_scoped(section, lambda ignored, target: rb_sparsity(
         schedule if schedule is not None else 0.0,
         seed=section.get("seed", 0),
         freeze_epoch=freeze_epoch,
         adaptive=adaptive,
-        ignored_scopes=section.get("ignored_scopes", ()),
-        target_scopes=section.get("target_scopes"),
+        ignored_scopes=ignored,
+        target_scopes=target,
         origin=origin,
-    )
+    ))
 
 
 def const_from_config(section: Mapping[str, Any], origin: str) -> Compression:
-    return const_sparsity(
-        ignored_scopes=section.get("ignored_scopes", ()), target_scopes=section.get("target_scopes"), origin=origin
-    )
+    return section_scoped(section, lambda ignored, target: const_sparsity(
+        ignored_scopes=ignored, target_scopes=target, origin=origin))
