@@ -125,6 +125,11 @@ class CompressedModule(nn.Module):
     def model_params(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())
 
+    @property
+    def method(self) -> Compression:
+        """The compression method this module applies."""
+        return self._method
+
     # -- the registered tensors, found by walking the containers (DataParallel replicas have their own)
 
     def _node(self, segments: Sequence[str], create: bool = False) -> StateNode | None:

@@ -1,0 +1,240 @@
+"""Post-training quantization: the one call and each algorithm on its own, on real architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import purecomp as pc
+from purecomp.apply import call_with_sites
+from purecomp.compression import compose_sites
+from purecomp.errors import CalibrationError, ConfigError
+from purecomp.export.materialize import fold_batchnorms
+from purecomp.transforms.ptq import (
+    ChannelClip,
+    absorb_high_biases,
+    bias_correction,
+    calibration_batches,
+    cross_layer_equalization,
+    equalization_pairs,
+    mse_quantizer,
+)
+from purecomp.transforms.quantize import make_quantizer
+
+
+def _with_statistics(model: nn.Module, size: int = 32) -> nn.Module:
+    """Random weights with BatchNorm statistics of real batches (fresh ones are mean 0, var 1)."""
+    g = torch.Generator().manual_seed(7)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(16, 3, size, size, generator=g))
+    return model.eval()
+
+
+def mobilenet() -> nn.Module:
+    torch.manual_seed(0)
+    return _with_statistics(torchvision.models.mobilenet_v2(weights=None, num_classes=10))
+
+
+def calibration(n: int = 4, size: int = 32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(8, 3, size, size, generator=g) for _ in range(n)]
+
+
+def folded(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, pc.ModelGraph]:
+    work = copy.deepcopy(model).eval()
+    fold_batchnorms(work, pc.trace(work, (x,)), {})
+    return work, pc.trace(work, (x,))
+
+
+# ------------------------------------------------------------------ dataset
+
+
+def test_dataset_transform_and_subset_size_count_samples():
+    loader = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(5)]
+    batches = calibration_batches(pc.Dataset(loader, lambda item: item[0]), subset_size=10)
+    assert len(batches) == 3 and batches[0][0][0].shape == (4, 3, 8, 8)  # 12 >= 10 samples
+    kwargs = calibration_batches(pc.Dataset([{"x": torch.ones(2, 3)}]), subset_size=2)
+    assert kwargs[0] == ((), {"x": kwargs[0][1]["x"]})
+    with pytest.raises(CalibrationError, match="iterable"):
+        pc.Dataset(3)
+    with pytest.raises(CalibrationError):
+        calibration_batches(pc.Dataset([]), 10)
+
+
+# ------------------------------------------------------------------ cross-layer equalization
+
+
+def test_cle_keeps_the_function_and_equalizes_ranges():
+    model = mobilenet()
+    x = calibration(1)[0]
+    work, graph = folded(model, x)
+    pairs = equalization_pairs(work, graph)
+    assert any(p.activation_op == "hardtanh" for p in pairs)  # ReLU6 pairs (depthwise -> pointwise) are found
+    assert any(work.get_submodule(p.second).groups > 1 for p in pairs)  # ... and depthwise second layers
+    with torch.no_grad():
+        expected = work(x)
+        cross_layer_equalization(work, graph, passes=8)
+        out = work(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, ChannelClip) for m in work.modules())
+    for pair in pairs:  # after equalization both sides of every pair share their per-channel ranges
+        first, second = work.get_submodule(pair.first), work.get_submodule(pair.second)
+        r1 = first.weight.abs().amax(dim=(1, 2, 3))
+        dims = (0, 2, 3) if second.groups == 1 else (1, 2, 3)
+        r2 = second.weight.abs().amax(dim=dims)
+        assert torch.allclose(r1, r2, rtol=0.05) or pair.first in {p.second for p in pairs}
+
+
+def test_bias_absorption_keeps_the_function_on_the_calibration_data():
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
+    torch.manual_seed(1)
+    model = _with_statistics(model)
+    for m in model.modules():  # large positive BatchNorm shifts: biases worth absorbing
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.bias, 0.5, 2.0)
+    data = calibration(2)
+    work, graph = folded(model, data[0])
+    pairs = cross_layer_equalization(work, graph)
+    with torch.no_grad():
+        before = work(data[0])
+    absorbed = absorb_high_biases(work, graph, pairs, [(x,) for x in data], 16)
+    assert absorbed and all(bool((a >= 0).all()) and bool((a > 0).any()) for a in absorbed.values())
+    assert all(not any(work.get_submodule(p.second).padding) for p in pairs if p.first in absorbed)
+    with torch.no_grad():
+        after = work(data[0])
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ MSE ranges
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 2**31 - 1), st.booleans())
+def test_mse_range_never_loses_to_min_max(bits, seed, symmetric):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 20, generator=g) * torch.rand(6, 1, generator=g) * 3
+    w[0, 0] = 40.0  # an outlier the search should clip
+    low, high = w.amin(dim=1), w.amax(dim=1)
+    mode = "symmetric" if symmetric else "asymmetric"
+    q = make_quantizer(mode, low, high, bits=bits, signed=True, narrow_range=symmetric, axis=0)
+    best = mse_quantizer(q, w)
+    err = lambda quantizer: ((quantizer(w) - w) ** 2).sum(dim=1)  # noqa: E731
+    assert bool((err(best) <= err(q) + 1e-6).all())
+
+
+def test_mse_range_matches_a_numpy_brute_force():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 64, generator=g)
+    q = make_quantizer("symmetric", w.amin(dim=1), w.amax(dim=1), bits=4, signed=True, narrow_range=True, axis=0)
+    best = mse_quantizer(q, w, ratios=(0.5, 0.75, 1.0))
+    wn = w.numpy().astype(np.float64)
+    for c in range(3):
+        errors = []
+        for alpha in (0.5, 0.75, 1.0):
+            s = float(q.scale[c]) * alpha
+            grid = np.clip(np.round(wn[c] / s * 7), -7, 7) * s / 7
+            errors.append(((grid - wn[c]) ** 2).sum())
+        assert float(best.scale[c]) == pytest.approx(float(q.scale[c]) * (0.5, 0.75, 1.0)[int(np.argmin(errors))])
+
+
+# ------------------------------------------------------------------ bias correction
+
+
+def test_fast_bias_correction_matches_the_first_layers_float_mean():
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    torch.manual_seed(2)
+    model = _with_statistics(model)
+    data = calibration(2)
+    work, graph = folded(model, data[0])
+    method = pc.quantization(weights=dict(bits=4, per_channel=False), activations=dict(bits=8))
+    params = dict(work.named_parameters())
+    state = method.init(graph, params, data)
+    corrected = bias_correction(work, graph, method, params, state, [(x,) for x in data], 16)
+    assert not torch.equal(corrected["conv1.bias"], params["conv1.bias"])
+
+    def first_mean(p: dict) -> torch.Tensor:
+        seen = []
+        sites = compose_sites([{"conv1/conv2d#0:out0": lambda t: seen.append(t.clone()) or t},
+                               method.sites(state)])
+        with torch.no_grad():
+            for x in data:
+                call_with_sites(work, p, sites, (x,), {})
+        return torch.cat(seen).mean(dim=(0, 2, 3))
+
+    with torch.no_grad():
+        reference = torch.cat([work.conv1(x) for x in data]).mean(dim=(0, 2, 3))
+    before = (first_mean(method.params(params, state)) - reference).abs().max()
+    after = (first_mean(method.params(corrected, state)) - reference).abs().max()
+    assert float(after) < 1e-4 < float(before)
+
+
+# ------------------------------------------------------------------ the one call
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_quantize_runs_exports_and_fine_tunes(name, tmp_path):
+    torch.manual_seed(0)
+    model = _with_statistics(getattr(torchvision.models, name)(weights=None, num_classes=10))
+    data = calibration(4)
+    original = copy.deepcopy(model.state_dict())
+    q = pc.quantize(model, pc.Dataset(data), subset_size=32,
+                    advanced_parameters=dict(cross_layer_equalization=name == "mobilenet_v2"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # the model is untouched
+    x = calibration(1, 32)[0][:2]
+    with torch.no_grad():
+        out, stripped, reference = q(x), pc.strip(q)(x), model(x)
+    torch.testing.assert_close(stripped, out, rtol=0, atol=1e-5)
+    assert float((out - reference).abs().max()) < 0.25 * float(reference.abs().max())
+    path = pc.export_quantized(q, (x,), tmp_path / f"{name}.onnx")
+    result = pc.export.check(path, q.model, q.method, q.model_params(), q.state, (x,))
+    assert result.max_steps <= 1.0
+    counts = pc.export.fused_op_counts(path)
+    assert counts.get("QLinearConv", 0) + counts.get("ConvInteger", 0) > 0
+    # QAT continues from the PTQ ranges: the quantizer ranges are trainable parameters
+    ranges = {n: p for n, p in q.named_parameters() if n.startswith("compression.")}
+    before = {n: p.detach().clone() for n, p in ranges.items()}
+    opt = torch.optim.SGD(q.parameters(), lr=1e-3)
+    q.train()
+    nn.functional.cross_entropy(q(data[0]), torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in ranges.items())
+
+
+def test_quantize_rejects_bad_arguments_by_name():
+    model, data = torchvision.models.resnet18(weights=None, num_classes=10).eval(), calibration(1, 16)
+    cases = [
+        (dict(preset="fast"), "preset"),
+        (dict(target_device="TPU"), "target_device"),
+        (dict(subset_size=0), "subset_size"),
+        (dict(model_type="cnn"), "model_type"),
+        (dict(advanced_parameters=dict(smooth=1)), "advanced_parameters.smooth"),
+        (dict(advanced_parameters=dict(weights_range_estimator="percentile")), "weights_range_estimator"),
+        (dict(ignored_scope="conv1"), "ignored_scope"),
+    ]
+    for kwargs, path in cases:
+        with pytest.raises(ConfigError) as info:
+            pc.quantize(model, pc.Dataset(data), **kwargs)
+        assert path in info.value.path
+    with pytest.raises(ConfigError, match="torch.nn.Module"):
+        pc.quantize("model", data)
+
+
+def test_ignored_scope_leaves_layers_in_float():
+    torch.manual_seed(0)
+    model = _with_statistics(torchvision.models.resnet18(weights=None, num_classes=10), 16)
+    q = pc.quantize(model, pc.Dataset(calibration(1, 16)), subset_size=8,
+                    ignored_scope=pc.IgnoredScope(names=["fc"], patterns=[r"layer4\.1"]),
+                    advanced_parameters=dict(disable_bias_correction=True))
+    quantized = set(q.state.weights)
+    assert "fc.weight" not in quantized and not any(w.startswith("layer4.1.") for w in quantized)
+    assert "layer4.0.conv1.weight" in quantized

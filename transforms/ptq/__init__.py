@@ -1,0 +1,36 @@
+"""Post-training quantization: ``quantize`` in one call, its dataset and options, and the
+algorithms it runs (BatchNorm folding, cross-layer equalization, bias correction, MSE ranges),
+each usable on its own."""
+
+from .bias_correction import bias_correction, correctable_layers
+from .dataset import Dataset
+from .equalization import (
+    ChannelClip,
+    EqualizationPair,
+    absorb_high_biases,
+    cross_layer_equalization,
+    equalization_pairs,
+)
+from .parameters import AdvancedQuantizationParameters, IgnoredScope
+from .quantize import calibration_batches, export_quantized, quantize, strip
+from .ranges import mse_activation_quantizers, mse_quantizer, mse_weight_quantizers
+
+__all__ = [
+    "AdvancedQuantizationParameters",
+    "ChannelClip",
+    "Dataset",
+    "EqualizationPair",
+    "IgnoredScope",
+    "absorb_high_biases",
+    "bias_correction",
+    "calibration_batches",
+    "correctable_layers",
+    "cross_layer_equalization",
+    "equalization_pairs",
+    "export_quantized",
+    "mse_activation_quantizers",
+    "mse_quantizer",
+    "mse_weight_quantizers",
+    "quantize",
+    "strip",
+]

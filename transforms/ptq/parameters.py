@@ -1,0 +1,95 @@
+"""The options of ``purecomp.quantize`` with NNCF 3.x's names: presets, target devices, the
+ignored scope and the advanced parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from purecomp.errors import ConfigError
+from purecomp.graph import ModelGraph
+
+PRESETS = {"performance": "symmetric", "mixed": "asymmetric"}
+TARGET_DEVICES = ("ANY", "CPU", "GPU", "NPU", "CPU_SPR")
+MODEL_TYPES = (None, "transformer")
+WEIGHT_ESTIMATORS = ("min_max", "mse")
+ACTIVATION_ESTIMATORS = ("min_max", "mean_min_max", "percentile", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class IgnoredScope:
+    """Layers to leave in float (NNCF's ``IgnoredScope``): exact site or module ``names``, regular
+    expression ``patterns`` (searched in site names), op or module ``types`` (``conv2d``,
+    ``Linear``...). ``validate``: a name or pattern that matches nothing raises ``ScopeError``."""
+
+    names: Sequence[str] = ()
+    patterns: Sequence[str] = ()
+    types: Sequence[str] = ()
+    validate: bool = True
+
+    def ignored_scopes(self, graph: ModelGraph) -> list[str]:
+        """The patterns ``quantization(ignored_scopes=...)`` takes for this scope on ``graph``."""
+        out = list(self.names) + [f"{{re}}.*(?:{p}).*" for p in self.patterns]
+        types = {t.lower() for t in self.types}
+        out += [node.site for node in graph if node.op.lower() in types or node.module_type.lower() in types]
+        if self.types and self.validate and not any(n.op.lower() in types or n.module_type.lower() in types
+                                                    for n in graph):
+            raise ConfigError("ignored_scope.types", f"{list(self.types)} match no op of the model")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvancedQuantizationParameters:
+    """Advanced options of ``purecomp.quantize``.
+
+    ``weights_range_estimator``: ``min_max`` (per channel) or ``mse`` (per-channel MSE-optimal
+    clipping). ``activations_range_estimator``: ``min_max``, ``mean_min_max``, ``percentile``
+    (``activations_percentiles``) or ``mse`` (``mean_min_max`` refined by MSE-optimal clipping).
+    ``batchnorm_folding``: fold BatchNorm into the conv / linear before it first.
+    ``cross_layer_equalization`` (with ``bias_absorption``): equalize conv pairs (CNNs with
+    depthwise layers or badly scaled channels). ``disable_bias_correction``: skip bias
+    correction. ``quantize_outputs``: quantize the model outputs too. ``smooth_quant_alpha``:
+    SmoothQuant's migration strength for ``model_type="transformer"`` (negative: off)."""
+
+    weights_range_estimator: str = "min_max"
+    activations_range_estimator: str = "mean_min_max"
+    activations_percentiles: tuple[float, float] = (0.01, 99.99)
+    batchnorm_folding: bool = True
+    cross_layer_equalization: bool = False
+    bias_absorption: bool = True
+    disable_bias_correction: bool = False
+    quantize_outputs: bool = False
+    smooth_quant_alpha: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.weights_range_estimator not in WEIGHT_ESTIMATORS:
+            raise ConfigError("advanced_parameters.weights_range_estimator",
+                              f"expected one of {list(WEIGHT_ESTIMATORS)}, got {self.weights_range_estimator!r}")
+        if self.activations_range_estimator not in ACTIVATION_ESTIMATORS:
+            raise ConfigError("advanced_parameters.activations_range_estimator",
+                              f"expected one of {list(ACTIVATION_ESTIMATORS)}, got {self.activations_range_estimator!r}")
+        low, high = self.activations_percentiles
+        if not 0 <= low < high <= 100:
+            raise ConfigError("advanced_parameters.activations_percentiles",
+                              f"expected 0 <= low < high <= 100, got {self.activations_percentiles}")
+
+    @classmethod
+    def of(cls, value: AdvancedQuantizationParameters | Mapping[str, Any] | None) -> AdvancedQuantizationParameters:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError("advanced_parameters", f"expected AdvancedQuantizationParameters or a dict, got "
+                              f"{type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in value:
+            if key not in known:
+                raise ConfigError(f"advanced_parameters.{key}", f"unknown key; expected one of {sorted(known)}")
+        return cls(**dict(value))
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {list(choices)}, got {value!r}")

@@ -1,0 +1,195 @@
+"""``purecomp.quantize``: post-training INT8 quantization in one call (NNCF 3.x's names).
+
+On a copy of the model, in order: BatchNorm folding, cross-layer equalization with high-bias
+absorption (opt-in), range estimation on ``subset_size`` calibration samples (weights
+symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
+asymmetric for ``mixed``), MSE-optimal clipping (opt-in), then fast or full bias correction.
+The result is a ``CompressedModule``: its forward is the quantized model (the numerics the
+exported ONNX has), its quantizer ranges are trainable parameters (fine-tune it and QAT
+continues from the PTQ ranges), ``purecomp.strip`` materializes it and
+``purecomp.export_quantized`` writes its ONNX.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from purecomp.api import CompressedModule
+from purecomp.compression import with_training
+from purecomp.data import take_samples
+from purecomp.errors import CalibrationError, ConfigError
+from purecomp.export import materialize, to_onnx
+from purecomp.export.materialize import fold_batchnorms
+from purecomp.graph import ModelGraph, trace
+from purecomp.transforms.quantize import RangeInit, quantization
+
+from .bias_correction import CORRECTED_OPS, bias_correction
+from .dataset import Dataset, model_inputs
+from .equalization import absorb_high_biases, cross_layer_equalization
+from .parameters import (
+    MODEL_TYPES,
+    PRESETS,
+    TARGET_DEVICES,
+    AdvancedQuantizationParameters,
+    IgnoredScope,
+    check_choice,
+)
+from .ranges import activation_samples, mse_activation_quantizers, mse_weight_quantizers
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_RANGE_TYPES = {"min_max": "min_max", "mean_min_max": "mean_min_max", "percentile": "percentile",
+                          "mse": "mean_min_max"}
+
+
+def calibration_batches(dataset: Dataset | Iterable[Any], subset_size: int) -> list[tuple[tuple, dict]]:
+    """The first ``subset_size`` samples of ``dataset`` as ``(args, kwargs)`` model calls. A
+    ``Dataset`` yields model inputs (its ``transform_fn`` applied); any other iterable yields
+    batches as training loaders do (``x`` or ``(x, y, ...)``: the model input is ``x``)."""
+    if isinstance(dataset, Dataset):
+        items: Iterable[Any] = ((model_inputs(item),) for item in dataset.get_inference_data())
+        items = ([args] if not kwargs else kwargs for (args, kwargs), in items)
+    elif isinstance(dataset, Iterable):
+        items = dataset
+    else:
+        raise CalibrationError(f"calibration_dataset must be a purecomp.Dataset or an iterable of batches, got "
+                               f"{type(dataset).__name__}")
+    batches = list(take_samples(items, subset_size, "calibration data"))
+    if not batches:
+        raise CalibrationError("calibration_dataset yielded no batch")
+    return batches
+
+
+def _as_data(batches: Sequence[tuple[tuple, dict]]) -> list[Any]:
+    """``batches`` in the form ``data.batch_inputs`` reads back unchanged."""
+    return [kwargs if kwargs else (args,) for args, kwargs in batches]
+
+
+def _trace(model: nn.Module, batches: Sequence[tuple[tuple, dict]]) -> ModelGraph:
+    args, kwargs = batches[0]
+    return trace(model, args, kwargs)
+
+
+def _add_zero_biases(model: nn.Module, graph: ModelGraph) -> None:
+    """Give every conv / linear without a bias a zero one, so bias correction has a place to write."""
+    for node in graph:
+        if node.op not in CORRECTED_OPS or not node.scope or node.index != 0:
+            continue
+        module = model.get_submodule(node.scope)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is None:
+            out = module.out_channels if not isinstance(module, nn.Linear) else module.out_features
+            module.bias = nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+
+
+def _ignored(ignored_scope: IgnoredScope | Sequence[str] | None, graph: ModelGraph) -> list[str]:
+    if ignored_scope is None:
+        return []
+    if isinstance(ignored_scope, IgnoredScope):
+        return ignored_scope.ignored_scopes(graph)
+    if isinstance(ignored_scope, str) or not isinstance(ignored_scope, Sequence):
+        raise ConfigError("ignored_scope", f"expected an IgnoredScope or a list of names, got {ignored_scope!r}")
+    return list(ignored_scope)
+
+
+def quantize(
+    model: nn.Module,
+    calibration_dataset: Dataset | Iterable[Any],
+    *,
+    preset: str | None = None,
+    target_device: str = "ANY",
+    subset_size: int = 300,
+    fast_bias_correction: bool = True,
+    model_type: str | None = None,
+    ignored_scope: IgnoredScope | Sequence[str] | None = None,
+    advanced_parameters: AdvancedQuantizationParameters | Mapping[str, Any] | None = None,
+) -> CompressedModule:
+    """Post-training INT8 quantization of ``model`` (unchanged) on ``subset_size`` samples of
+    ``calibration_dataset`` (module docstring). ``preset``: ``performance`` (default; symmetric
+    activations) or ``mixed`` (asymmetric activations). ``fast_bias_correction``: one-pass bias
+    correction; ``False`` runs the layer-by-layer one. ``target_device`` is accepted for NNCF
+    compatibility: every device gets the same 8-bit scheme. ``model_type="transformer"`` is the
+    transformer path (``advanced_parameters.smooth_quant_alpha``)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_choice("preset", preset, (None, *PRESETS))
+    check_choice("target_device", target_device, TARGET_DEVICES)
+    check_choice("model_type", model_type, MODEL_TYPES)
+    if not isinstance(subset_size, int) or isinstance(subset_size, bool) or subset_size < 1:
+        raise ConfigError("subset_size", f"expected a positive number of samples, got {subset_size!r}")
+    options = AdvancedQuantizationParameters.of(advanced_parameters)
+    if model_type == "transformer":
+        raise ConfigError("model_type", "the transformer path (SmoothQuant, transformer placement) is not built yet; "
+                          "quantize transformers with purecomp.integrations.transformers")
+    batches = calibration_batches(calibration_dataset, subset_size)
+    data = _as_data(batches)
+    work = copy.deepcopy(model).eval()
+    graph = _trace(work, batches)
+    if options.batchnorm_folding:
+        fold_batchnorms(work, graph, {})
+        graph = _trace(work, batches)
+    if options.cross_layer_equalization:
+        pairs = cross_layer_equalization(work, graph)
+        if options.bias_absorption:
+            absorb_high_biases(work, graph, pairs, data, subset_size)
+        graph = _trace(work, batches)
+        log.info("cross-layer equalization: %d pairs", len(pairs))
+    if not options.disable_bias_correction:
+        _add_zero_biases(work, graph)
+        graph = _trace(work, batches)
+    mode = PRESETS[preset or "performance"]
+    low, high = options.activations_percentiles
+    method = quantization(
+        weights=dict(mode="symmetric", bits=8, per_channel=True),
+        activations=dict(mode=mode, bits=8),
+        ignored_scopes=_ignored(ignored_scope, graph),
+        range_init=RangeInit(type=ACTIVATION_RANGE_TYPES[options.activations_range_estimator],
+                             num_init_samples=subset_size, min_percentile=low, max_percentile=high),
+        quantize_outputs=options.quantize_outputs,
+        origin="quantize.",
+    )
+    params = dict(work.named_parameters())
+    state = method.init(graph, params, data)
+    if options.weights_range_estimator == "mse":
+        state = dataclasses.replace(state, weights=mse_weight_quantizers(state.weights, params))
+    if options.activations_range_estimator == "mse":
+        samples = activation_samples(work, params, dict, list(state.activations), data, subset_size)
+        state = dataclasses.replace(state, activations=mse_activation_quantizers(state.activations, samples))
+    if not options.disable_bias_correction:
+        corrected = bias_correction(work, graph, method, params | dict(work.named_buffers()), state, data,
+                                    subset_size, fast=fast_bias_correction)
+        with torch.no_grad():
+            for name, p in params.items():
+                if corrected[name] is not p:
+                    p.copy_(corrected[name])
+    module = CompressedModule(work, method)
+    module.set_state(state)
+    module.graph = graph
+    return module.eval()
+
+
+def _parts(module: CompressedModule) -> tuple[nn.Module, Any, dict[str, Tensor], Any, ModelGraph | None]:
+    if not isinstance(module, CompressedModule):
+        raise ConfigError("model", f"expected the module purecomp.quantize returned, got {type(module).__name__}")
+    return module.model, module.method, module.model_params(), with_training(module.state, False), \
+        getattr(module, "graph", None)
+
+
+def strip(module: CompressedModule) -> nn.Module:
+    """The materialized form of a ``quantize`` (or ``create_compressed_model``) result: an ordinary
+    eval-mode module with integer weights and export-form quantizers (``export.materialize``)."""
+    model, method, params, state, graph = _parts(module)
+    return materialize(model, method, params, state, graph)
+
+
+def export_quantized(module: CompressedModule, example_inputs: Any, path: str | Path) -> Path:
+    """ONNX (QDQ, runs as INT8 in onnxruntime and OpenVINO) of a ``quantize`` result."""
+    model, method, params, state, _ = _parts(module)
+    return to_onnx(model, method, params, state, example_inputs, path)
