@@ -13,7 +13,8 @@ function returning ``SampleParts`` (model, data sets, loss, metric) and calls
 - ``train_one_epoch``: ``ctrl.scheduler.step()`` before each batch, task loss + ``ctrl.loss()``;
   ``ctrl.scheduler.epoch_step()`` starts each epoch;
 - checkpoints: ``{"model": module.state_dict(), "compression": ctrl.get_compression_state(), ...}``
-  read back with ``torch.load(weights_only=True)``;
+  written crash-safely (``purecomp.checkpoint.save_torch``: temporary file, fsync, rename) and read
+  back with ``purecomp.checkpoint.load_torch`` (``weights_only=True``; ``StateError`` when damaged);
 - ``export_and_check``: ``ctrl.export_model(path)`` and one batch through ONNX Runtime,
   compared with the PyTorch compressed model.
 
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 import purecomp as pc
+from purecomp.checkpoint import load_torch, save_torch
 
 MODES = ("train", "test", "export")
 
@@ -222,7 +224,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"--weights {path} does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_torch(path)
     if isinstance(saved, dict) and "compression" in saved:
         raise WeightsError(f"{path} is a compressed checkpoint of this sample; pass it as --resume, not --weights")
     for key in ("state_dict", "model"):
@@ -338,24 +340,24 @@ def save_checkpoint(
     path: Path, module: nn.Module, ctrl: pc.CompressionController, optimizer: torch.optim.Optimizer | None,
     epoch: int, metrics: Metrics,
 ) -> Path:
-    """``{"model", "compression", "optimizer", "epoch", "metrics"}``: tensors and plain values only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
+    """``{"model", "compression", "optimizer", "epoch", "metrics"}``: tensors and plain values only,
+    written crash-safely (a crash mid-write leaves the previous file at ``path`` loadable)."""
+    return save_torch(path, {
         "model": module.state_dict(),
         "compression": ctrl.get_compression_state(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "epoch": epoch,
         "metrics": dict(metrics),
-    }, path)
-    return path
+    })
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint of ``save_checkpoint`` (``weights_only``: no pickled code runs)."""
+    """A checkpoint of ``save_checkpoint`` (``weights_only``: no pickled code runs; a truncated or
+    corrupted file raises ``purecomp.errors.StateError``)."""
     path = Path(path)
     if not path.is_file():
         raise SampleError(f"--resume {path} does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_torch(path)
     missing = {"model", "compression", "epoch"} - set(saved) if isinstance(saved, dict) else {"model"}
     if missing:
         raise SampleError(f"{path} is not a checkpoint of these samples: missing {sorted(missing)}; "

@@ -225,10 +225,16 @@ class CompressionController:
         if saved["version"] != COMPRESSION_STATE_VERSION:
             raise StateError(f"compression state version {saved['version']!r}; expected {COMPRESSION_STATE_VERSION}")
         config = {k: v for k, v in self.config.items() if k != "__init_args__"}
-        _check_same("config", json.loads(saved["config"]), config)
-        _check_same("model", json.loads(saved["signature"]), model_signature(self.module.model))
+        _check_same("config", _saved_json(saved, "config"), config)
+        _check_same("model", _saved_json(saved, "signature"), model_signature(self.module.model))
+        if not isinstance(saved["tensors"], (list, tuple)):
+            raise StateError(f"malformed compression state: 'tensors' is a {type(saved['tensors']).__name__}")
         state = decode_state(saved["structure"], list(saved["tensors"]))
-        scheduler = json.loads(saved["scheduler"])
+        scheduler = _saved_json(saved, "scheduler")
+        keys = ("current_step", "current_epoch", "steps_in_epoch", "steps_per_epoch")
+        if not isinstance(scheduler, dict) or any(k not in scheduler for k in keys) or not all(
+                isinstance(scheduler[k], int) and not isinstance(scheduler[k], bool) for k in keys[:3]):
+            raise StateError(f"malformed compression state: the scheduler entry {scheduler!r} is not {list(keys)}")
         self.module.set_state(state)
         self.scheduler.load_state_dict(scheduler)
 
@@ -256,6 +262,13 @@ class CompressionController:
                 raise ConfigError("input_info", "export_model needs positional inputs; pass example_inputs")
             example_inputs = args
         return to_onnx(self.module.model, self.method, self.module.model_params(), self.state, example_inputs, path)
+
+
+def _saved_json(saved: Mapping[str, Any], key: str) -> Any:
+    try:
+        return json.loads(saved[key])
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise StateError(f"malformed compression state: {key!r} is not a JSON string ({exc})") from None
 
 
 def _check_same(what: str, saved: Any, current: Any) -> None:

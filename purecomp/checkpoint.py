@@ -8,6 +8,11 @@ imported by a name read from the file, and nothing else is called, so a checkpoi
 code. ``save_record`` / ``load_record`` are the one file format (safetensors: the tensors, the JSON in
 its metadata) of ``save_state`` and of the transformers integration's state file; ``encode_state`` / ``decode_state`` give the same pair for ``torch.save`` payloads
 (tensors and strings only, loadable with ``weights_only=True``).
+
+Every file is written crash-safely (``atomic_write``): to a temporary file in the same folder,
+flushed and fsynced, then renamed over the old one, so a crash mid-write leaves the previous
+file whole. ``save_torch`` / ``load_torch`` do this for ``torch.save`` payloads (the samples'
+``last.pt`` / ``best.pt``); every unreadable, truncated or corrupted file raises ``StateError``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -143,6 +150,69 @@ def decode_state(structure: str, tensors: list[Tensor]) -> Any:
     return _decode(doc["state"], [t.clone() for t in tensors])
 
 
+# ------------------------------------------------------------------ crash-safe files
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write a file crash-safely: ``write(f)`` fills a temporary file beside ``path`` (same folder,
+    so the rename cannot cross file systems), which is flushed, fsynced and renamed over ``path``;
+    the folder is fsynced too. A crash or an exception at any point leaves the previous file as
+    it was (the temporary file is removed when an exception is raised; a killed process may leave
+    a ``.<name>.*.tmp`` file behind, never a damaged ``path``). Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it an ordinary file's mode
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` crash-safely (``atomic_write``). Keep ``obj`` to tensors and
+    plain values so that ``load_torch`` (``weights_only=True``) reads it back."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a missing, truncated or corrupted file, or one that
+    needs pickled code, raises ``StateError`` naming the file, never a raw pickle or zip error."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StateError(f"cannot read a checkpoint from {str(path)!r} "
+                         f"(truncated, corrupted, or not a weights-only torch.save file): "
+                         f"{type(exc).__name__}: {reason}") from None
+
+
 # ------------------------------------------------------------------ one file format
 
 RECORD_FORMAT = "purecomp-record-1"
@@ -158,28 +228,16 @@ def save_record(
     """Write a compression record (``{"structure": ..., "tensors": [...], ...}``: what
     ``encode_state`` or ``CompressionController.get_compression_state`` returns) as one
     safetensors file: tensors ``state.<i>`` (and ``extra.<name>``), every other key JSON in the
-    metadata. The file is written beside ``path``, flushed and renamed over it, so a crash
-    mid-write leaves the previous file intact."""
+    metadata. The file is written with ``atomic_write``, so a crash mid-write leaves the previous
+    file intact."""
     from safetensors.torch import save
 
     tensors = {f"state.{i}": t.detach().cpu().contiguous() for i, t in enumerate(record["tensors"])}
     tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()}
     metadata = {"format": RECORD_FORMAT, "record": json.dumps({k: v for k, v in record.items() if k != "tensors"})}
     metadata |= {f"extra.{k}": v for k, v in (extra_metadata or {}).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = save(tensors, metadata=metadata)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(payload))
 
 
 def load_record(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
@@ -200,10 +258,15 @@ def load_record(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], di
             record = json.loads(metadata["record"])
         except (KeyError, json.JSONDecodeError) as exc:
             raise StateError(f"{str(path)!r}: the record metadata is damaged ({exc})") from None
+        if not isinstance(record, dict):
+            raise StateError(f"{str(path)!r}: the record metadata is damaged (a {type(record).__name__}, not an object)")
         prefix = "state."
         extras = {k.removeprefix("extra."): v for k, v in metadata.items() if k.startswith("extra.")}
     elif metadata.get("format") in _LEGACY_FORMATS:
-        record = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "activation_options")}
+        try:
+            record = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "activation_options")}
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{str(path)!r}: the state metadata is damaged ({exc})") from None
         prefix = "state."
         extras = {"activation_options": metadata["activation_options"]} if "activation_options" in metadata else {}
         tensors = {(f"extra.{k[len('example.'):]}" if k.startswith("example.") else k): v for k, v in tensors.items()}

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from purecomp.checkpoint import load_torch
+
 EXAMPLES = Path(__file__).resolve().parents[1]
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
@@ -78,7 +80,7 @@ def prepare(args: argparse.Namespace, config: Mapping[str, Any]) -> sr.SamplePar
     if args.backbone_weights is not None:
         if not args.backbone_weights.is_file():
             raise sr.WeightsError(f"--backbone-weights {args.backbone_weights} does not exist")
-        model.load_backbone(torch.load(args.backbone_weights, map_location="cpu", weights_only=True))
+        model.load_backbone(load_torch(args.backbone_weights))
     priors = default_boxes()
     train_set = VOCDetection(args.data, args.train_sets, classes, INPUT_SIZE, train=True)
     test_set = VOCDetection(args.data, args.test_set, classes, INPUT_SIZE, train=False)

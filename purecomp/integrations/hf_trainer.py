@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purecomp.api import CompressedModule, CompressionController, Config
+from purecomp.checkpoint import save_torch
 from purecomp.errors import CalibrationError, ConfigError, StateError
 
 from .hf_compress import (
@@ -147,7 +147,7 @@ class CompressionTrainer(Trainer):
         save_compression_state(self.compression_ctrl, out / STATE_FILE, self._trace_batch)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
-        torch.save(self.args, os.path.join(out, "training_args.bin"))
+        save_torch(out / "training_args.bin", self.args)
         log.info("saved the model and its compression state to %s", out)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from purecomp.checkpoint import atomic_write
 from purecomp.errors import ConfigError
 
 
@@ -23,10 +24,10 @@ class JsonReport(abc.ABC):
     def from_json(cls, data: dict[str, Any]) -> Any: ...
 
     def save(self, path: str | Path) -> Path:
-        """Write the report as JSON; ``load_plan`` reads the plan back."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        """Write the report as JSON, crash-safely (``purecomp.checkpoint.atomic_write``); ``load_plan``
+        reads the plan back."""
+        text = (json.dumps(self.to_json(), indent=2) + "\n").encode()
+        return atomic_write(path, lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | Path) -> Any:
