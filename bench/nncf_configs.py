@@ -115,7 +115,7 @@ def _shrink(config: dict[str, Any], side: int, quick: bool) -> dict[str, Any]:
         precision = section.get("initializer", {}).get("precision", {})
         if quick and precision.get("type") == "autoq":
             precision["iter_number"] = min(precision.get("iter_number", 2), 2)
-            precision.pop("warmup_iter_number", None)
+            precision["warmup_iter_number"] = 1
     return config
 
 
