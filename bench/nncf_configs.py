@@ -12,7 +12,8 @@ this repository's examples, narrowed), one training step, and ONNX export, and p
 
 Inputs are shrunk to keep it quick (``input_info.sample_size`` becomes ``[2, 3, S, S]`` with S the
 smallest size the model takes, 32-80 px; SSD keeps 300 px on a 1/8-width network); AutoQ's
-``iter_number`` is capped at 2 episodes with ``--quick`` (the default). Everything else is the
+``iter_number`` is capped at 2 episodes and HAWQ's ``iter_number`` / ``num_data_points`` at 4
+unless ``--full`` is given. Everything else is the
 config as NNCF ships it. Configs whose model this repository cannot build are skipped and say so.
 """
 
@@ -116,6 +117,9 @@ def _shrink(config: dict[str, Any], side: int, quick: bool) -> dict[str, Any]:
         if quick and precision.get("type") == "autoq":
             precision["iter_number"] = min(precision.get("iter_number", 2), 2)
             precision["warmup_iter_number"] = 1
+        if quick and precision.get("type") == "hawq":  # NNCF's defaults: 200 iterations, 100 data points
+            precision["iter_number"] = min(precision.get("iter_number", 4), 4)
+            precision["num_data_points"] = min(precision.get("num_data_points", 4), 4)
     return config
 
 
