@@ -22,7 +22,16 @@ from .stats import model_cost, pruning_cost, statistics, trainable
 # the built-in methods: each package registers its config section and state classes on import
 from .transforms.binarize import StagedSchedule, apply_to_optimizer, binarization  # noqa: I001
 from .transforms.prune import filter_pruning
-from .transforms.ptq import AdvancedQuantizationParameters, Dataset, IgnoredScope, export_quantized, quantize, strip
+from .transforms.ptq import (
+    AdvancedQuantizationParameters,
+    Dataset,
+    IgnoredScope,
+    export_quantized,
+    quantize,
+    quantize_with_accuracy_control,
+    sensitivity,
+    strip,
+)
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
 
@@ -32,6 +41,8 @@ __all__ = [
     "IgnoredScope",
     "export_quantized",
     "quantize",
+    "quantize_with_accuracy_control",
+    "sensitivity",
     "strip",
     "CompressionController",
     "CompressionStage",

@@ -2,6 +2,12 @@
 algorithms it runs (BatchNorm folding, cross-layer equalization, bias correction, MSE ranges),
 each usable on its own."""
 
+from .accuracy_control import (
+    AccuracyControlReport,
+    AdvancedAccuracyRestorerParameters,
+    quantize_with_accuracy_control,
+    rank_layers,
+)
 from .bias_correction import bias_correction, correctable_layers
 from .dataset import Dataset
 from .equalization import (
@@ -12,10 +18,15 @@ from .equalization import (
     equalization_pairs,
 )
 from .parameters import AdvancedQuantizationParameters, IgnoredScope
-from .quantize import calibration_batches, export_quantized, quantize, strip
+from .pipeline import calibration_batches, export_quantized, quantize, strip
 from .ranges import mse_activation_quantizers, mse_quantizer, mse_weight_quantizers
+from .sensitivity import SensitivityReport, sensitivity, sqnr
 
 __all__ = [
+    "AccuracyControlReport",
+    "AdvancedAccuracyRestorerParameters",
+    "quantize_with_accuracy_control",
+    "rank_layers",
     "AdvancedQuantizationParameters",
     "ChannelClip",
     "Dataset",
@@ -32,5 +43,8 @@ __all__ = [
     "mse_quantizer",
     "mse_weight_quantizers",
     "quantize",
+    "SensitivityReport",
+    "sensitivity",
+    "sqnr",
     "strip",
 ]

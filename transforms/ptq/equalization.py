@@ -86,7 +86,12 @@ def equalization_pairs(model: nn.Module, graph: ModelGraph) -> list[Equalization
             continue
         after = _single_reader(graph, node)
         activation, op = None, "identity"
-        if after is not None and after.op in HOMOGENEOUS_OPS | CLIPPED_OPS:
+        clip = model.get_submodule(after.scope) if after is not None and after.scope else None
+        if isinstance(clip, ChannelClip) and after.op == "relu":  # relu then minimum, inside the module
+            activation, op = after.scope, "hardtanh"
+            after = _single_reader(graph, after)
+            after = _single_reader(graph, after) if after is not None and after.op == "minimum" else None
+        elif after is not None and after.op in HOMOGENEOUS_OPS | CLIPPED_OPS:
             if after.op in CLIPPED_OPS and not (after.scope and _relu6(model.get_submodule(after.scope))):
                 continue
             activation, op = after.scope or None, after.op

@@ -43,8 +43,8 @@ class IgnoredScope:
 class AdvancedQuantizationParameters:
     """Advanced options of ``purecomp.quantize``.
 
-    ``weights_range_estimator``: ``min_max`` (per channel) or ``mse`` (per-channel MSE-optimal
-    clipping). ``activations_range_estimator``: ``min_max``, ``mean_min_max``, ``percentile``
+    ``weights_range_estimator``: ``min_max`` or ``mse`` (MSE-optimal clipping), per output channel
+    unless ``weights_per_channel`` is off. ``activations_range_estimator``: ``min_max``, ``mean_min_max``, ``percentile``
     (``activations_percentiles``) or ``mse`` (``mean_min_max`` refined by MSE-optimal clipping).
     ``batchnorm_folding``: fold BatchNorm into the conv / linear before it first.
     ``cross_layer_equalization`` (with ``bias_absorption``): equalize conv pairs (CNNs with
@@ -53,6 +53,7 @@ class AdvancedQuantizationParameters:
     SmoothQuant's migration strength for ``model_type="transformer"`` (negative: off)."""
 
     weights_range_estimator: str = "min_max"
+    weights_per_channel: bool = True
     activations_range_estimator: str = "mean_min_max"
     activations_percentiles: tuple[float, float] = (0.01, 99.99)
     batchnorm_folding: bool = True

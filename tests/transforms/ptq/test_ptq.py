@@ -238,3 +238,64 @@ def test_ignored_scope_leaves_layers_in_float():
     quantized = set(q.state.weights)
     assert "fc.weight" not in quantized and not any(w.startswith("layer4.1.") for w in quantized)
     assert "layer4.0.conv1.weight" in quantized
+
+
+# ------------------------------------------------------------------ accuracy control and sensitivity
+
+
+def _agreement(reference: nn.Module):
+    """A validation metric: top-1 agreement with ``reference`` in percent (higher is better)."""
+
+    def metric(model: nn.Module, data) -> float:
+        with torch.no_grad():
+            same = [(model(x).argmax(1) == reference(x).argmax(1)).float().mean() for x in data]
+        return 100.0 * float(torch.stack(same).mean())
+
+    return metric
+
+
+@pytest.mark.slow
+def test_accuracy_control_returns_layers_to_float_until_the_drop_fits():
+    torch.manual_seed(0)
+    model = _with_statistics(torchvision.models.resnet18(weights=None, num_classes=10), 16)
+    calib, validation = calibration(2, 16), calibration(4, 16)
+    coarse = dict(weights_per_channel=False, activations_range_estimator="min_max", disable_bias_correction=True)
+    q = pc.quantize_with_accuracy_control(
+        model, pc.Dataset(calib), pc.Dataset(validation), _agreement(model), max_drop=2.0, subset_size=16,
+        advanced_quantization_parameters=coarse, advanced_accuracy_restorer_parameters=dict(max_num_iterations=8),
+        progress_bar=False)
+    report = q.accuracy_control
+    assert report.fp32_metric == 100.0
+    assert report.validation_calls == 2 + len(report.steps)
+    assert len(set(report.reverted)) == len(report.reverted)
+    for layer in report.reverted:  # returned layers run in float
+        assert f"{layer}.weight" not in q.state.weights
+    if report.steps:
+        assert report.steps[-1].drop <= 2.0 or len(report.steps) == 8
+    assert "returned to float" in str(report.table())
+
+
+def test_accuracy_control_rejects_bad_arguments():
+    model, data = torchvision.models.resnet18(weights=None, num_classes=10).eval(), calibration(1, 16)
+    for kwargs, path in [(dict(drop_type="ratio"), "drop_type"), (dict(max_drop=-1), "max_drop"),
+                         (dict(advanced_accuracy_restorer_parameters=dict(steps=1)),
+                          "advanced_accuracy_restorer_parameters.steps")]:
+        with pytest.raises(ConfigError) as info:
+            pc.quantize_with_accuracy_control(model, pc.Dataset(data), pc.Dataset(data), _agreement(model), **kwargs)
+        assert info.value.path == path
+
+
+def test_sensitivity_reports_each_quantizer_and_plots(tmp_path):
+    torch.manual_seed(0)
+    model = _with_statistics(torchvision.models.resnet18(weights=None, num_classes=10), 16)
+    q = pc.quantize(model, pc.Dataset(calibration(1, 16)), subset_size=8,
+                    advanced_parameters=dict(disable_bias_correction=True))
+    report = pc.sensitivity(q, pc.Dataset(calibration(1, 16)), subset_size=8, progress_bar=False)
+    keys = set(q.state.weights) | set(q.state.activations)
+    assert {r["quantizer"] for r in report.rows} == keys
+    sqnrs = [r["model_sqnr_db"] for r in report.rows]
+    assert sqnrs == sorted(sqnrs) and all(s > 0 for s in sqnrs)
+    conv1 = next(r for r in report.rows if r["quantizer"] == "conv1.weight")
+    assert conv1["layer"] == "conv1/conv2d#0" and conv1["layer_sqnr_db"] > 20  # 8-bit per-channel weights
+    assert pc.transforms.ptq.sqnr([torch.ones(4)], [torch.ones(4)]) == float("inf")
+    assert report.plot(tmp_path / "sensitivity.png").stat().st_size > 0

@@ -147,7 +147,7 @@ def quantize(
     mode = PRESETS[preset or "performance"]
     low, high = options.activations_percentiles
     method = quantization(
-        weights=dict(mode="symmetric", bits=8, per_channel=True),
+        weights=dict(mode="symmetric", bits=8, per_channel=options.weights_per_channel),
         activations=dict(mode=mode, bits=8),
         ignored_scopes=_ignored(ignored_scope, graph),
         range_init=RangeInit(type=ACTIVATION_RANGE_TYPES[options.activations_range_estimator],

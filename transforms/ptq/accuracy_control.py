@@ -1,0 +1,224 @@
+"""``quantize_with_accuracy_control``: PTQ, then layers back to float until the metric drop fits.
+
+1. ``m_fp = validation_fn(model, validation_data)``; quantize (``purecomp.quantize``);
+   ``m_q = validation_fn(quantized, validation_data)``.
+2. The drop is ``m_fp - m_q`` (``drop_type="absolute"``) or ``(m_fp - m_q) / |m_fp|``
+   (``"relative"``). Within ``max_drop``: done.
+3. Rank the quantized layers by a cheap sensitivity: on ``ranking_subset_size`` validation
+   samples, how much closer the model's outputs come to the float model's (mean squared error)
+   when only that layer returns to float: one forward pass per layer, no ``validation_fn``.
+4. Return layers to float in that order (the layer's weight quantizer and the activation
+   quantizers that feed only it), calling ``validation_fn`` after each, until the drop is within
+   ``max_drop`` or ``max_num_iterations`` layers went back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from purecomp.api import CompressedModule
+from purecomp.compression import with_training
+from purecomp.errors import ConfigError
+from purecomp.stats import Table
+
+from .dataset import Dataset
+from .parameters import AdvancedQuantizationParameters, IgnoredScope
+from .pipeline import calibration_batches, quantize
+
+log = logging.getLogger(__name__)
+
+DROP_TYPES = ("absolute", "relative")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvancedAccuracyRestorerParameters:
+    """``max_num_iterations``: most layers returned to float; ``ranking_subset_size``: validation
+    samples the ranking runs on."""
+
+    max_num_iterations: int = 50
+    ranking_subset_size: int = 64
+
+    @classmethod
+    def of(cls, value: Any) -> AdvancedAccuracyRestorerParameters:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError("advanced_accuracy_restorer_parameters", f"expected a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in value:
+            if key not in known:
+                raise ConfigError(f"advanced_accuracy_restorer_parameters.{key}",
+                                  f"unknown key; expected one of {sorted(known)}")
+        return cls(**dict(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreStep:
+    """One row of the report: the layer returned to float and the metric after it."""
+
+    layer: str
+    metric: float
+    drop: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyControlReport:
+    """What ``quantize_with_accuracy_control`` did: the float and first quantized metrics, each
+    layer it returned to float with the metric after it, and how often it called ``validation_fn``."""
+
+    fp32_metric: float
+    quantized_metric: float
+    steps: tuple[RestoreStep, ...]
+    validation_calls: int
+    max_drop: float
+    drop_type: str
+
+    @property
+    def reverted(self) -> list[str]:
+        return [s.layer for s in self.steps]
+
+    def table(self) -> Table:
+        rows = [{"step": 0, "returned to float": "(quantized)", "metric": self.quantized_metric,
+                 "drop": self.fp32_metric - self.quantized_metric}]
+        rows += [{"step": i + 1, "returned to float": s.layer, "metric": s.metric, "drop": s.drop}
+                 for i, s in enumerate(self.steps)]
+        return Table(f"accuracy control (FP32 {self.fp32_metric:.4g}, max {self.drop_type} drop {self.max_drop:g}, "
+                     f"{self.validation_calls} validation runs)", tuple(rows))
+
+
+def _drop(reference: float, metric: float, drop_type: str) -> float:
+    return reference - metric if drop_type == "absolute" else (reference - metric) / max(abs(reference), 1e-12)
+
+
+def layer_groups(state: Any) -> dict[str, tuple[str, ...]]:
+    """Quantized layer (its weight's module scope) -> the quantizer keys returned to float with it:
+    its weight quantizer and every activation quantizer whose consumers are all its ops."""
+    groups: dict[str, list[str]] = {name.rpartition(".")[0]: [name] for name in state.weights}
+    for key, consumers in state.consumers:
+        scopes = {site.rpartition("/")[0] for site in consumers if site != "output"}
+        if len(scopes) == 1 and "output" not in consumers and next(iter(scopes)) in groups:
+            groups[next(iter(scopes))].append(key)
+    return {scope: tuple(keys) for scope, keys in groups.items()}
+
+
+def without(state: Any, keys: Iterable[str]) -> Any:
+    """``state`` with the quantizers ``keys`` removed (those tensors run in float)."""
+    drop = set(keys)
+    return dataclasses.replace(
+        state,
+        weights={k: q for k, q in state.weights.items() if k not in drop},
+        activations={k: q for k, q in state.activations.items() if k not in drop},
+        consumers=tuple(c for c in state.consumers if c[0] not in drop),
+    )
+
+
+def rebuilt(module: CompressedModule, state: Any) -> CompressedModule:
+    """A ``CompressedModule`` over the same model and method with ``state``."""
+    out = CompressedModule(module.model, module.method)
+    out.set_state(state)
+    out.graph = getattr(module, "graph", None)
+    return out.eval()
+
+
+def _outputs(model: nn.Module, batches: Sequence[tuple[tuple, dict]]) -> list[Tensor]:
+    with torch.no_grad():
+        outs = [model(*args, **kwargs) for args, kwargs in batches]
+    return [o if isinstance(o, Tensor) else o[0] for o in outs]
+
+
+def rank_layers(
+    model: nn.Module, quantized: CompressedModule, batches: Sequence[tuple[tuple, dict]], progress_bar: bool = True,
+) -> list[tuple[str, float]]:
+    """Layers by how much returning each alone to float lowers the output error (module docstring),
+    most helpful first: ``[(layer, error without it), ...]``."""
+    reference = _outputs(model, batches)
+
+    def error(module: nn.Module) -> float:
+        return float(sum(((o - r) ** 2).mean() for o, r in zip(_outputs(module, batches), reference)))
+
+    state = with_training(quantized.state, False)
+    scores = []
+    for layer, keys in tqdm(layer_groups(state).items(), desc="ranking layers", disable=not progress_bar or None,
+                            leave=False):
+        scores.append((layer, error(rebuilt(quantized, without(state, keys)))))
+    return sorted(scores, key=lambda item: item[1])
+
+
+def quantize_with_accuracy_control(
+    model: nn.Module,
+    calibration_dataset: Dataset | Iterable[Any],
+    validation_dataset: Dataset | Iterable[Any],
+    validation_fn: Callable[[nn.Module, Iterable[Any]], float],
+    *,
+    max_drop: float = 0.01,
+    drop_type: str = "absolute",
+    preset: str | None = None,
+    target_device: str = "ANY",
+    subset_size: int = 300,
+    fast_bias_correction: bool = True,
+    model_type: str | None = None,
+    ignored_scope: IgnoredScope | Sequence[str] | None = None,
+    advanced_quantization_parameters: AdvancedQuantizationParameters | Mapping[str, Any] | None = None,
+    advanced_accuracy_restorer_parameters: AdvancedAccuracyRestorerParameters | Mapping[str, Any] | None = None,
+    progress_bar: bool = True,
+) -> CompressedModule:
+    """``quantize``, then return layers to float until the metric drop is within ``max_drop``
+    (module docstring). ``validation_fn(model, validation_data) -> float`` (higher is better)
+    receives ``validation_dataset``'s items (a ``Dataset``'s raw items, as NNCF does). The
+    result's ``accuracy_control`` attribute holds the ``AccuracyControlReport``; its table is
+    printed through logging and returned by ``report.table()``."""
+    if drop_type not in DROP_TYPES:
+        raise ConfigError("drop_type", f"expected one of {list(DROP_TYPES)}, got {drop_type!r}")
+    if not isinstance(max_drop, (int, float)) or isinstance(max_drop, bool) or max_drop < 0:
+        raise ConfigError("max_drop", f"expected a non-negative number, got {max_drop!r}")
+    if not callable(validation_fn):
+        raise ConfigError("validation_fn", f"expected a callable (model, data) -> float, got {validation_fn!r}")
+    restorer = AdvancedAccuracyRestorerParameters.of(advanced_accuracy_restorer_parameters)
+    validation_data = validation_dataset.get_data() if isinstance(validation_dataset, Dataset) else validation_dataset
+    calls = 0
+
+    def validate(candidate: nn.Module) -> float:
+        nonlocal calls
+        calls += 1
+        candidate.eval()
+        return float(validation_fn(candidate, validation_data))
+
+    fp32 = validate(model)
+    quantized = quantize(model, calibration_dataset, preset=preset, target_device=target_device,
+                         subset_size=subset_size, fast_bias_correction=fast_bias_correction, model_type=model_type,
+                         ignored_scope=ignored_scope, advanced_parameters=advanced_quantization_parameters)
+    first = validate(quantized)
+    steps: list[RestoreStep] = []
+    current, metric = quantized, first
+    if _drop(fp32, first, drop_type) > max_drop:
+        ranking = calibration_batches(validation_dataset, restorer.ranking_subset_size)
+        order = rank_layers(quantized.model, quantized, ranking, progress_bar)
+        state = with_training(quantized.state, False)
+        groups = layer_groups(state)
+        bar = tqdm(order[: restorer.max_num_iterations], desc="returning layers to float",
+                   disable=not progress_bar or None, leave=False)
+        for layer, _ in bar:
+            state = without(state, groups[layer])
+            current = rebuilt(quantized, state)
+            metric = validate(current)
+            steps.append(RestoreStep(layer, metric, _drop(fp32, metric, drop_type)))
+            bar.set_postfix(metric=f"{metric:.4g}")
+            if steps[-1].drop <= max_drop:
+                break
+    report = AccuracyControlReport(fp32, first, tuple(steps), calls, float(max_drop), drop_type)
+    log.info("%s", report.table())
+    if _drop(fp32, metric, drop_type) > max_drop:
+        log.warning("accuracy control: the %s drop %.4g is still above max_drop %.4g after returning %d layers "
+                    "to float", drop_type, _drop(fp32, metric, drop_type), max_drop, len(steps))
+    current.accuracy_control = report
+    return current
+
