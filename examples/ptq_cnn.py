@@ -66,16 +66,20 @@ def badly_scaled(model: nn.Module, seed: int = 0, spread: float = 10.0) -> nn.Mo
     g = torch.Generator().manual_seed(seed)
     blocks = [m for m in out.modules() if isinstance(m, nn.Sequential) and len(m) == 3
               and isinstance(m[0], nn.Conv2d) and isinstance(m[2], nn.ReLU6)]
-    convs = [m for m in out.modules() if isinstance(m, nn.Conv2d)]
+    # in forward order: each block's output is read by the next conv, the last one's (through
+    # average pooling, which keeps channels) by the classifier
+    layers = [m for m in out.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         for block in blocks:
             conv, bn = block[0], block[1]
-            following = convs[convs.index(conv) + 1]
+            following = layers[layers.index(conv) + 1]
             f = spread ** (2 * torch.rand(conv.out_channels, generator=g) - 1)
             bn.weight.mul_(f)
             bn.bias.mul_(f)
             block[2] = ChannelClip(6.0 * f)
-            if following.groups == 1:
+            if isinstance(following, nn.Linear):
+                following.weight.div_(f.reshape(1, -1))
+            elif following.groups == 1:
                 following.weight.div_(f.reshape(1, -1, 1, 1))
             else:  # depthwise: its output channel c scales too; its BatchNorm sees a scaled input
                 following.weight.div_(f.reshape(-1, 1, 1, 1))
