@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import purecomp as pc  # noqa: E402
 from purecomp.transforms.ptq import ChannelClip  # noqa: E402
 
-from common import accuracy, digits_cnn, load_dataset, loader, train_epochs  # noqa: E402
+from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs  # noqa: E402
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -99,6 +100,31 @@ def ptq_rows() -> list[tuple[str, dict]]:
     return [(name, dict(advanced_parameters=adv)) for name, adv in rows] + [("pc.quantize defaults", {})]
 
 
+def openvino_accuracy(path: Path, data: torch.utils.data.DataLoader) -> float | None:
+    """Top-1 accuracy (percent) of an ONNX classifier compiled by OpenVINO for the CPU (None without it)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(path)), "CPU")
+    correct = total = 0
+    for x, y in data:
+        correct += int((compiled([x.numpy()])[0].argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def runtimes(quantized: nn.Module, example: torch.Tensor, test: torch.utils.data.DataLoader, folder: Path,
+             label: str) -> str:
+    """ONNX Runtime and OpenVINO accuracy of the exported model, and its fused integer ops."""
+    path = pc.export_quantized(quantized, (example,), folder / f"{label}.onnx")
+    fused = pc.export.fused_op_counts(path)
+    integer = sum(n for op, n in fused.items() if op.startswith("QLinear") or op.endswith("Integer"))
+    ov = openvino_accuracy(path, test)
+    ov_text = f"{ov:6.2f}%" if ov is not None else "   -  "
+    return f"ORT {onnx_accuracy(path, test):6.2f}%  OpenVINO {ov_text}  ({integer} fused integer ops)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
@@ -112,6 +138,8 @@ def main() -> None:
     train, test = loader(train_set, 64, True, args.seed), loader(test_set, 256, False)
     calibration = pc.Dataset(loader(train_set, 32, True, args.seed + 1), lambda batch: batch[0])
     networks = {"mobilenet-style": mobilenet_style(), "digits CNN": digits_cnn()}
+    example = next(iter(test))[0][:1]
+    folder = Path(tempfile.mkdtemp(prefix="ptq_cnn_"))
     print(f"dataset {args.dataset}: {len(train_set)} train, {len(test_set)} test images")
     for name, model in networks.items():
         train_epochs(model, model.parameters(), train, epochs, 3e-3, f"FP32 {name}")
@@ -128,7 +156,9 @@ def main() -> None:
                 quantized = pc.quantize(net, calibration, subset_size=args.subset_size, **kwargs)
                 seconds = time.perf_counter() - start
                 acc = accuracy(quantized, test)
-                print(f"  {label:<32} {acc:6.2f}%  ({acc - fp32:+.2f} points, {seconds:.1f} s)")
+                tag = f"{name}-{variant}-{len(label)}".replace(" ", "_")
+                print(f"  {label:<30} {acc:6.2f}%  ({acc - fp32:+.2f} points, {seconds:4.1f} s)  "
+                      f"{runtimes(quantized, example, test, folder, tag)}")
 
 
 if __name__ == "__main__":
