@@ -25,7 +25,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import purecomp as pc
-from purecomp.checkpoint import atomic_write, load_record, load_state, load_torch, save_record, save_state, save_torch
+from purecomp.checkpoint import (
+    atomic_write,
+    load_record,
+    load_state,
+    load_torch,
+    save_state,
+    save_torch,
+)
 from purecomp.errors import StateError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

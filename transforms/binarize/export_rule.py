@@ -26,6 +26,9 @@ class BinarizationExport(ExportRule):
         if context.kept:
             raise StateError("materialize does not combine filter pruning with binarization; materialize one of them")
         for name in self.state.weights:
+            if name in context.encoded:
+                raise StateError(f"weight {name!r} is encoded twice (binarized after another method encoded it): "
+                                 "materialize supports one quantization or binarization method per weight in a chain")
             w = context.params[name].detach().float()
             dims = tuple(range(1, w.dim()))
             alpha = w.abs().amax(dim=dims) if dims else w.abs()
@@ -41,6 +44,9 @@ class BinarizationExport(ExportRule):
             raise StateError("materialize does not combine filter pruning with binarization; materialize one of them")
         graph = context.graph
         for key, b in self.state.activations.items():
+            if key in context.modules:
+                raise StateError(f"two activation transforms at {key!r}: materialize supports one quantizer or "
+                                 "binarizer per site")
             site = key.rsplit(":", 1)[0]
             rank = len(graph.node(site).input_info[0].shape) if graph is not None and graph.has_site(site) else CONV_INPUT_RANK
             with torch.no_grad():

@@ -50,7 +50,7 @@ def importance(weight: Tensor, kind: str) -> Tensor:
 def magnitude_masks(params: Mapping[str, Tensor], names: Sequence[str], level: float, kind: str, mode: str) -> dict[str, Tensor]:
     """Masks meeting ``level`` exactly: over all weights at once (global) or in each weight (local)."""
     scores = {n: importance(params[n], kind) for n in names}
-    if mode == "local":
+    if mode == "local" or not scores:  # no weight selected: no mask
         return {n: keep_largest(s, level).to(params[n].dtype) for n, s in scores.items()}
     flat = keep_largest(torch.cat([s.reshape(-1) for s in scores.values()]), level)
     masks, offset = {}, 0

@@ -66,6 +66,8 @@ class RBSparsityState:
         if self.frozen_masks:
             return dict(self.frozen_masks)
         scores = {n: s.detach().float() for n, s in self.logits.items()}
+        if not scores:  # no weight selected: no gate
+            return {}
         flat = keep_largest(torch.cat([s.reshape(-1) for s in scores.values()]), 1.0 - self.expected_density())
         masks, offset = {}, 0
         for n, s in scores.items():
