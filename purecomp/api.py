@@ -182,8 +182,22 @@ class CompressionController:
         self._distributed = True
 
     def _advance(self) -> None:
+        self._check_finite()
         state = self.method.step(self.state, self.scheduler.progress, self.module.model_params())
         self.module.set_state(state)
+
+    def _check_finite(self) -> None:
+        """``NumericalError`` when training made a state leaf (or, at an epoch step, a weight) NaN or inf:
+        the trainable state leaves at each ``step()``, the whole state and the model's parameters at
+        each ``epoch_step()`` (``purecomp.numerics``; one synchronization each)."""
+        from .numerics import check_finite, state_leaves
+
+        sched = self.scheduler
+        epoch_start = sched._steps_in_epoch == 0
+        named = state_leaves(self.state, trainable_only=not epoch_start)
+        if epoch_start:
+            named += [(f"model/{n}", p) for n, p in self.module.model.named_parameters() if p.is_floating_point()]
+        check_finite(named, f"at step {sched.current_step}, epoch {sched.current_epoch}")
 
     def loss(self) -> Tensor:
         return self.method.loss(self.module.model_params(), self.state)

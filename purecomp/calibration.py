@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .apply import call_with_sites
-from .data import take_samples
+from .data import describe_inputs, take_samples
+from .errors import CalibrationError, PurecompError
 from .intercept import SiteFn
 
 
@@ -31,6 +32,9 @@ def run_observers(
 
     def observer(key: str) -> SiteFn:
         def observe(x: Tensor) -> Tensor:
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise CalibrationError(f"{what}: site {key!r} saw NaN or inf on the calibration data; "
+                                       "check the data (and the model) for non-finite values")
             record(key, x)
             return x
 
@@ -42,6 +46,12 @@ def run_observers(
     try:
         with torch.no_grad():
             for args, kwargs in take_samples(data, num_samples, what):
-                call_with_sites(model, params, sites, args, kwargs)
+                try:
+                    call_with_sites(model, params, sites, args, kwargs)
+                except PurecompError:
+                    raise
+                except Exception as exc:  # the model refuses the batch: say which pass and what it got
+                    raise CalibrationError(f"{what}: the model cannot run on a calibration batch "
+                                           f"({describe_inputs(args, kwargs)}): {type(exc).__name__}: {exc}") from exc
     finally:
         model.train(was_training)

@@ -54,6 +54,11 @@ class CalibrationError(PurecompError, ValueError):
     """Calibration data is missing, empty, or not in a form the model accepts."""
 
 
+class NumericalError(PurecompError, FloatingPointError):
+    """Training turned a compression parameter (a quantizer range, RB logits) or a weight into NaN
+    or inf; the message names the tensor and the step."""
+
+
 class OpsBuildError(PurecompError, RuntimeError):
     """The C++ ops could not be built while ``PURECOMP_OPS=cpp`` requires them."""
 
