@@ -24,7 +24,8 @@ from .checkpoint import decode_state, encode_state
 from .compressed_module import CompressedModule
 from .compression import Compression, Progress
 from .config import CompressionConfig, load_config
-from .errors import CalibrationError, ConfigError, StateError
+from . import struct
+from .errors import CalibrationError, ConfigError, NothingToCompressWarning, StateError
 from .graph import ModelGraph
 from .protocol import HasProgress, method_states
 from .stats import Report, statistics
@@ -153,6 +154,13 @@ class CompressionController:
                     if name in adapted and adapted[name] is not buffer:
                         buffer.copy_(adapted[name])
         self.module.set_state(state)
+        if not any(t.is_floating_point() for t in struct.tree_leaves(state) if isinstance(t, Tensor)):
+            import warnings
+
+            warnings.warn(f"the config's methods ({', '.join(self._algorithm_names())}) found nothing to compress in "
+                          f"{type(model).__name__}: no weight or site was selected, so the compressed model computes "
+                          "what the model computes (check ignored_scopes / target_scopes)", NothingToCompressWarning,
+                          stacklevel=2)
         if self._distributed:
             self._broadcast_from_rank0()
 
@@ -180,6 +188,9 @@ class CompressionController:
     def distributed(self) -> None:
         """Make ``initialize`` broadcast rank 0's state to every rank (call before ``initialize``)."""
         self._distributed = True
+
+    def _algorithm_names(self) -> list[str]:
+        return [section["algorithm"] for _, section in self.config.compression_config().algorithms] or ["none"]
 
     def _advance(self) -> None:
         self._check_finite()

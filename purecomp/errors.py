@@ -27,6 +27,11 @@ def warn_no_effect(path: str, why: str) -> None:
                   NoEffectWarning, stacklevel=3)
 
 
+class NothingToCompressWarning(UserWarning):
+    """The config's methods found nothing to compress in the model (every state is empty): the
+    compressed model computes what the model computes."""
+
+
 class ScopeError(ConfigError):
     """An ``ignored_scopes`` / ``target_scopes`` entry matches no site of the model."""
 

@@ -42,13 +42,16 @@ def make(compression_state=None, seed: int = 0):
     return pc.create_compressed_model(small_model(seed), config, compression_state=compression_state)
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def train_steps(ctrl, module, opt, data) -> None:
     for x, y in data:
         ctrl.scheduler.step()
-        loss = nn.functional.cross_entropy(module(x), y) + ctrl.loss()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        descend(opt, nn.functional.cross_entropy(module(x), y) + ctrl.loss())
 
 
 def quantizer_params(module) -> dict[str, torch.Tensor]:
