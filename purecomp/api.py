@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import struct
 from .batchnorm import adapt_batchnorm
 from .checkpoint import decode_state, encode_state
 from .compressed_module import CompressedModule
 from .compression import Compression, Progress
 from .config import CompressionConfig, load_config
-from . import struct
 from .errors import CalibrationError, ConfigError, NothingToCompressWarning, StateError
 from .graph import ModelGraph
 from .protocol import HasProgress, method_states
