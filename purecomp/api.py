@@ -133,10 +133,12 @@ class CompressionController:
     def state(self) -> Any:
         return self.module.state
 
-    def initialize(self, data_loader: Iterable[Any] | None = None) -> None:
+    def initialize(self, data_loader: Iterable[Any] | None = None, *, calibration_mode: str = "train") -> None:
         """Range init / calibration, then BatchNorm adaptation if the config asks for it.
 
-        ``data_loader`` defaults to the one given to ``register_default_init_args``. In a
+        ``data_loader`` defaults to the one given to ``register_default_init_args``.
+        ``calibration_mode`` is the mode calibration runs the model in (``InitContext``): ``"train"``
+        (BatchNorm on batch statistics, as training sees them) or ``"eval"``. In a
         distributed run (``distributed()``) rank 0's state and BatchNorm statistics are
         broadcast, so every rank holds identical quantizers, masks and gates.
         """
@@ -144,7 +146,7 @@ class CompressionController:
         if data is None:
             raise CalibrationError("initialize needs a data loader (argument or register_default_init_args)")
         model = self.module.model
-        state = self.method.init(self.graph, self.module.model_params(), data)
+        state = self.method.init(self.graph, self.module.model_params(), data, calibration_mode=calibration_mode)
         samples = self.config.compression_config().num_bn_adaptation_samples
         if samples > 0:
             params = self.module.model_params() | dict(model.named_buffers())

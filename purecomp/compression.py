@@ -79,15 +79,18 @@ class Compression:
         self.members = tuple(members)
 
     def init(self, graph: ModelGraph | InitContext, params: Params | None = None,
-             data: Iterable[Any] | None = None) -> Any:
-        """``init(graph, params, data)`` for a method on its own, or ``init(context)`` inside a chain."""
+             data: Iterable[Any] | None = None, *, calibration_mode: str = "train") -> Any:
+        """``init(graph, params, data)`` for a method on its own, or ``init(context)`` inside a chain.
+
+        ``calibration_mode`` (``"train"``, ``"eval"``; ``InitContext.calibration_mode``) is the mode
+        calibration passes run the model in; a given context carries its own."""
         from .init_context import InitContext
 
         if isinstance(graph, InitContext):
             return self.initialize(graph)
         if params is None:
             raise TypeError("Compression.init(graph, params, data): params are required")
-        return self.initialize(InitContext.start(graph, params, data))
+        return self.initialize(InitContext.start(graph, params, data, calibration_mode=calibration_mode))
 
     def _replace(self, **changes: Any) -> Compression:
         """A copy with some functions replaced (``init=...`` replaces the initializer)."""

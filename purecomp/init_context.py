@@ -4,6 +4,15 @@ A method initialized on its own sees the model's params and calibrates the plain
 ``chain(a, b)``, ``b`` sees ``a``'s weight transform already applied to ``params``, and its
 calibration runs apply ``a``'s weights and sites first, so ``b`` measures what the compressed
 model computes. The context carries that explicitly; nothing rides on the graph.
+
+``calibration_mode`` says how calibration runs the model (``purecomp.calibration``). The default,
+``"train"``, collects statistics as training will see them: BatchNorm normalizes each batch with
+its own statistics (running statistics left untouched). Calibrating in eval mode instead
+normalizes with the running statistics, which on a randomly initialized network (mean 0,
+variance 1) or on new data describe other activations than training produces: the ranges then
+do not fit, and quantization-aware training from scratch collapsed (constant logits, gradients
+1e15 times FP32's; ``bench/qat_from_scratch.py``). ``"eval"`` stays available for a model that
+will only be evaluated.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .calibration import check_mode
 from .compression import Compression, chain, compose_sites
 from .graph import ModelGraph
 from .intercept import SiteFn
@@ -27,7 +37,8 @@ class InitContext:
     data, and those earlier members (``before`` with ``before_state``; ``None`` when first).
 
     ``model_params`` are the model's own params; ``scope`` (a ``purecomp.scopes.Scope`` or
-    ``None``) restricts which sites a method may select (``purecomp.scoped``)."""
+    ``None``) restricts which sites a method may select (``purecomp.scoped``);
+    ``calibration_mode`` (``"train"`` or ``"eval"``) is the mode ``calibrate`` runs the model in."""
 
     graph: ModelGraph
     params: Params
@@ -36,11 +47,16 @@ class InitContext:
     before: Compression | None = None
     before_state: Any = None
     scope: Any = None
+    calibration_mode: str = "train"
+
+    def __post_init__(self) -> None:
+        check_mode(self.calibration_mode)
 
     @classmethod
-    def start(cls, graph: ModelGraph, params: Params, data: Iterable[Any] | None = None) -> InitContext:
+    def start(cls, graph: ModelGraph, params: Params, data: Iterable[Any] | None = None,
+              calibration_mode: str = "train") -> InitContext:
         """The context of the first (or only) method: nothing applied yet."""
-        return cls(graph, dict(params), data, dict(params))
+        return cls(graph, dict(params), data, dict(params), calibration_mode=calibration_mode)
 
     def then(self, method: Compression, state: Any) -> InitContext:
         """The context of the method after ``method`` (initialized to ``state``) in a chain."""
@@ -61,12 +77,13 @@ class InitContext:
 
     def calibrate(
         self, keys: Sequence[str], record: Callable[[str, Tensor], None], num_samples: int, what: str,
-        data: Iterable[Any] | None = None,
+        data: Iterable[Any] | None = None, mode: str | None = None,
     ) -> None:
         """Run ``num_samples`` samples (of ``data``, default the context's) through the model with
-        the earlier members applied, calling ``record(key, x)`` at each site in ``keys``
-        (``purecomp.calibration.run_observers``)."""
+        the earlier members applied, in ``mode`` (default ``calibration_mode``), calling
+        ``record(key, x)`` at each site in ``keys`` (``purecomp.calibration.run_observers``)."""
         from .calibration import run_observers
 
         run_observers(self.graph.model, self.params, self.with_sites, keys, record,
-                      self.data if data is None else data, num_samples, what)
+                      self.data if data is None else data, num_samples, what,
+                      mode=self.calibration_mode if mode is None else mode)
