@@ -156,7 +156,7 @@ def quantize(
         origin="quantize.",
     )
     params = dict(work.named_parameters())
-    state = method.init(graph, params, data)
+    state = method.init(graph, params, data, calibration_mode="eval")  # PTQ: ranges as inference sees them
     if options.weights_range_estimator == "mse":
         state = dataclasses.replace(state, weights=mse_weight_quantizers(state.weights, params))
     if options.activations_range_estimator == "mse":
