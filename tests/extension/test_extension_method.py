@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ternary import Clip, TernaryState, register, ternarization
 from torch import nn
 
 import purecomp as pc
 from purecomp.errors import ConfigError, StateError
+
+from ternary import Clip, TernaryState, register, ternarization
 
 REPO = Path(__file__).resolve().parents[2]
 
