@@ -14,9 +14,10 @@ samples, ``apply``; the quantizer ranges train with the weights). Printed per mo
 - **ratio**: QAT's max grad over FP32's.
 
 ``--calibration-modes`` lists how range init runs the model (``purecomp.calibration``): ``train``
-(BatchNorm normalizes with each batch's statistics, as in training; the default) or ``eval``
-(running statistics: the only behaviour before the fix, and what ``default`` meant then). The
-graph is traced with the model in train mode, as a freshly built model is. A benchmark: it
+(BatchNorm normalizes with each batch's statistics, as in training; what the library's default
+``auto`` picks for these freshly built, train-mode models), ``eval`` (running statistics: the only
+behaviour before the fix) or ``default`` (no argument). The graph is traced with the model in
+train mode, as a freshly built model is. A benchmark: it
 prints, it asserts nothing.
 """
 

@@ -133,12 +133,13 @@ class CompressionController:
     def state(self) -> Any:
         return self.module.state
 
-    def initialize(self, data_loader: Iterable[Any] | None = None, *, calibration_mode: str = "train") -> None:
+    def initialize(self, data_loader: Iterable[Any] | None = None, *, calibration_mode: str = "auto") -> None:
         """Range init / calibration, then BatchNorm adaptation if the config asks for it.
 
         ``data_loader`` defaults to the one given to ``register_default_init_args``.
-        ``calibration_mode`` is the mode calibration runs the model in (``InitContext``): ``"train"``
-        (BatchNorm on batch statistics, as training sees them) or ``"eval"``. In a
+        ``calibration_mode`` is the mode calibration runs the model in (``InitContext``): ``"auto"``
+        (the model's current mode), ``"train"`` (BatchNorm on batch statistics, as training sees
+        them) or ``"eval"``. In a
         distributed run (``distributed()``) rank 0's state and BatchNorm statistics are
         broadcast, so every rank holds identical quantizers, masks and gates.
         """

@@ -1,6 +1,7 @@
 """Calibration passes: run samples through a model with observers at chosen sites.
 
-Two modes (``CALIBRATION_MODES``) say what the model computes while it is observed:
+Two modes (``CALIBRATION_MODES``) say what the model computes while it is observed (``"auto"``
+picks ``"train"`` for a model in train mode, ``"eval"`` for one in eval mode):
 
 - ``"train"``: the model in train mode, as a training step runs it: BatchNorm normalizes each
   calibration batch with that batch's own statistics, dropout and stochastic depth are active.
@@ -31,11 +32,15 @@ from .errors import CalibrationError, PurecompError
 from .intercept import SiteFn
 
 CALIBRATION_MODES = ("train", "eval")
+AUTO = "auto"  # the mode the model is in: "train" if ``model.training`` else "eval"
 
 
-def check_mode(mode: str) -> str:
+def check_mode(mode: str, model: nn.Module | None = None) -> str:
+    """``mode`` checked; ``"auto"`` resolved against ``model`` (kept as is without one)."""
+    if mode == AUTO:
+        return mode if model is None else ("train" if model.training else "eval")
     if mode not in CALIBRATION_MODES:
-        raise CalibrationError(f"calibration mode {mode!r} is not one of {list(CALIBRATION_MODES)}")
+        raise CalibrationError(f"calibration mode {mode!r} is not one of {[AUTO, *CALIBRATION_MODES]}")
     return mode
 
 
@@ -44,7 +49,7 @@ def calibration_mode(model: nn.Module, params: Mapping[str, Tensor], mode: str) 
     """Put ``model`` in ``mode`` for the block and yield the params to call it with (``params``
     in eval mode; in train mode ``params`` with every buffer replaced by a copy). The model's
     train/eval flags, BatchNorm settings and the global RNG state are restored afterwards."""
-    check_mode(mode)
+    mode = check_mode(mode, model)
     was_training = model.training
     if mode == "eval":
         model.eval()
@@ -90,7 +95,7 @@ def run_observers(
     mode: str = "eval",
 ) -> None:
     """Run ``num_samples`` samples of ``data`` through ``model`` with ``params`` in ``mode``
-    (``"eval"`` or ``"train"``, see the module's doc), without gradients, calling ``record(key, x)``
+    (``"eval"``, ``"train"`` or ``"auto"``, see the module's doc), without gradients, calling ``record(key, x)``
     with the tensor ``x`` at each site in ``keys`` (which passes through unchanged). ``compose``
     puts the observers behind the transforms that already act at those sites
     (``InitContext.with_sites``). ``what`` names the pass in errors and progress. Neither the

@@ -79,11 +79,12 @@ class Compression:
         self.members = tuple(members)
 
     def init(self, graph: ModelGraph | InitContext, params: Params | None = None,
-             data: Iterable[Any] | None = None, *, calibration_mode: str = "train") -> Any:
+             data: Iterable[Any] | None = None, *, calibration_mode: str = "auto") -> Any:
         """``init(graph, params, data)`` for a method on its own, or ``init(context)`` inside a chain.
 
-        ``calibration_mode`` (``"train"``, ``"eval"``; ``InitContext.calibration_mode``) is the mode
-        calibration passes run the model in; a given context carries its own."""
+        ``calibration_mode`` (``"auto"``: the model's current mode, ``"train"``, ``"eval"``;
+        ``InitContext.calibration_mode``) is the mode calibration passes run the model in; a given
+        context carries its own."""
         from .init_context import InitContext
 
         if isinstance(graph, InitContext):

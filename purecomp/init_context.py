@@ -6,13 +6,13 @@ calibration runs apply ``a``'s weights and sites first, so ``b`` measures what t
 model computes. The context carries that explicitly; nothing rides on the graph.
 
 ``calibration_mode`` says how calibration runs the model (``purecomp.calibration``). The default,
-``"train"``, collects statistics as training will see them: BatchNorm normalizes each batch with
-its own statistics (running statistics left untouched). Calibrating in eval mode instead
-normalizes with the running statistics, which on a randomly initialized network (mean 0,
-variance 1) or on new data describe other activations than training produces: the ranges then
-do not fit, and quantization-aware training from scratch collapsed (constant logits, gradients
-1e15 times FP32's; ``bench/qat_from_scratch.py``). ``"eval"`` stays available for a model that
-will only be evaluated.
+``"auto"``, follows the model's mode when the context is made: a model in train mode (as a
+freshly built one is) is calibrated as training will see it: BatchNorm normalizes each batch with
+its own statistics (running statistics left untouched); a model in eval mode is calibrated in
+eval mode. Calibrating a randomly initialized network in eval mode normalizes with running
+statistics (mean 0, variance 1) that describe other activations than training produces: the
+ranges then do not fit, and quantization-aware training from scratch collapsed (constant logits,
+gradients 1e15 times FP32's; ``bench/qat_from_scratch.py``). ``"train"`` and ``"eval"`` force a mode.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class InitContext:
 
     ``model_params`` are the model's own params; ``scope`` (a ``purecomp.scopes.Scope`` or
     ``None``) restricts which sites a method may select (``purecomp.scoped``);
-    ``calibration_mode`` (``"train"`` or ``"eval"``) is the mode ``calibrate`` runs the model in."""
+    ``calibration_mode`` (``"train"`` or ``"eval"``; ``"auto"`` is resolved to the model's mode
+    when the context is made) is the mode ``calibrate`` runs the model in."""
 
     graph: ModelGraph
     params: Params
@@ -47,14 +48,14 @@ class InitContext:
     before: Compression | None = None
     before_state: Any = None
     scope: Any = None
-    calibration_mode: str = "train"
+    calibration_mode: str = "auto"
 
     def __post_init__(self) -> None:
-        check_mode(self.calibration_mode)
+        object.__setattr__(self, "calibration_mode", check_mode(self.calibration_mode, self.graph.model))
 
     @classmethod
     def start(cls, graph: ModelGraph, params: Params, data: Iterable[Any] | None = None,
-              calibration_mode: str = "train") -> InitContext:
+              calibration_mode: str = "auto") -> InitContext:
         """The context of the first (or only) method: nothing applied yet."""
         return cls(graph, dict(params), data, dict(params), calibration_mode=calibration_mode)
 

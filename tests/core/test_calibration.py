@@ -1,8 +1,9 @@
 """Calibration modes (purecomp.calibration): what the model computes while observers record it.
 
-``"train"`` (InitContext's default): BatchNorm normalizes each batch with its own statistics, as a
-training step does, and the model is left exactly as it was (running statistics,
-``num_batches_tracked``, train/eval flags, the global RNG). ``"eval"``: running statistics."""
+``"train"`` (what InitContext's default ``"auto"`` picks for a model in train mode): BatchNorm
+normalizes each batch with its own statistics, as a training step does, and the model is left exactly as it was (running statistics,
+``num_batches_tracked``, train/eval flags, the global RNG). ``"eval"`` (``"auto"`` for a model in
+eval mode): running statistics."""
 
 from __future__ import annotations
 
@@ -47,11 +48,19 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_default_mode_is_train_and_both_modes_exist():
+def test_the_default_follows_the_model_mode():
+    """``"auto"``: a model in train mode (a fresh one) calibrates in train mode, one in eval mode
+    (a trained model being evaluated) in eval mode; the context holds the resolved mode."""
     model, data = model_and_data()
-    graph = pc.trace(model, (data[0][0][:2],))
-    assert pc.InitContext.start(graph, dict(model.named_parameters()), data).calibration_mode == "train"
     assert CALIBRATION_MODES == ("train", "eval")
+    for training, expected in ((True, "train"), (False, "eval")):
+        model.train(training)
+        graph = pc.trace(model, (data[0][0][:2],))
+        params = dict(model.named_parameters())
+        assert pc.InitContext.start(graph, params, data).calibration_mode == expected
+        assert pc.InitContext.start(graph, params, data, calibration_mode="auto").calibration_mode == expected
+        for forced in CALIBRATION_MODES:
+            assert pc.InitContext.start(graph, params, data, calibration_mode=forced).calibration_mode == forced
 
 
 @pytest.mark.parametrize("training", [True, False])
