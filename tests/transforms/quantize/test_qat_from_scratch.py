@@ -1,0 +1,55 @@
+"""QAT from random initialisation on real architectures (slow): torchvision mobilenet_v2,
+efficientnet_b0 and mobilenet_v3_small (``weights=None``) train under ``pc.quantization()``'s
+defaults like they do in FP32: the loss falls over 50 SGD steps and the largest parameter gradient
+stays within 10x of FP32's. The settings are bench/qat_from_scratch.py's (digits at 3x32x32, batch
+16, SGD lr 0.01 momentum 0.9, the same weights and batches for both runs).
+
+Before range init calibrated a train-mode model in train mode (``InitContext.calibration_mode``,
+default ``"auto"``), all three collapsed:
+constant logits (loss ln 10), gradients 6e3 to 3e19 times FP32's, NaN on efficientnet_b0."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "qat_from_scratch.py"
+
+
+class GradRatioAbove10x(AssertionError):
+    pass
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("qat_from_scratch", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("mobilenet_v2", marks=pytest.mark.xfail(
+        strict=True, raises=GradRatioAbove10x,
+        reason="no collapse, but one spike of 20x FP32's largest gradient at step 10: the per-tensor weight "
+               "scale of features.12's depthwise conv is driven through zero by SGD (0.056 -> -2.6e-5), "
+               "its outputs lose all variance and BatchNorm divides by sqrt(eps); not a range-init effect")),
+    "efficientnet_b0",
+    "mobilenet_v3_small",
+])
+def test_random_init_qat_trains_like_fp32(name):
+    # the library's default calibration mode: "auto", train mode for a freshly built model
+    r = bench().run_model(name, steps=50, batch=16, lr=0.01, seed=0, modes=[None])
+    fp32, qat = r["fp32"], r[None]
+    first, last = sum(qat["losses"][:5]) / 5, sum(qat["losses"][-5:]) / 5
+    assert all(math.isfinite(v) for v in qat["losses"])
+    assert abs(first - math.log(10)) > 1e-3 or abs(last - math.log(10)) > 1e-3, "constant logits"
+    assert last < first - 0.1, f"QAT loss did not fall: {first:.3f} -> {last:.3f}"
+    ratio = qat["grad"] / fp32["grad"]
+    assert ratio < 1e3, f"gradients exploded: {qat['grad']:.3g} vs FP32 {fp32['grad']:.3g}"
+    if ratio > 10:
+        raise GradRatioAbove10x(f"largest gradient {ratio:.3g}x FP32's ({qat['grad']:.3g} vs {fp32['grad']:.3g})")
