@@ -23,31 +23,7 @@ from purecomp.errors import CalibrationError, ConfigError  # noqa: E402
 from purecomp.integrations import transformers as pct  # noqa: E402
 from purecomp.transforms.quantize.placement import source_of  # noqa: E402
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-
-
-def small_encoder(family: str, num_labels: int | None = None) -> torch.nn.Module:
-    """A 2-layer encoder of ``family`` with random weights (a classifier when ``num_labels``)."""
-    torch.manual_seed(0)
-    if family == "bert":
-        config = transformers.BertConfig(num_hidden_layers=2, **SMALL)
-    elif family == "roberta":
-        config = transformers.RobertaConfig(num_hidden_layers=2, pad_token_id=1, **SMALL)
-    else:
-        config = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                               max_position_embeddings=64)
-    if num_labels is None:
-        return transformers.AutoModel.from_config(config).eval()
-    config.num_labels = num_labels
-    return transformers.AutoModelForSequenceClassification.from_config(config)
-
-
-def padded_batch() -> dict[str, torch.Tensor]:
-    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 7:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
+from models import padded_batch, small_encoder  # noqa: E402
 
 # ---------------------------------------------------------------- placement
 

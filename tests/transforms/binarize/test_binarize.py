@@ -248,7 +248,7 @@ def test_config_builds_the_staged_method():
 @pytest.mark.parametrize(
     ("section", "path"),
     [
-        ({"params": {"batch_multiplier": 2}}, "compression.params.batch_multiplier"),
+        ({"params": {"batch_size": 2}}, "compression.params.batch_size"),
         ({"mode": "ternary"}, "compression.mode"),
         ({"params": {"lr_poly_drop_duration_epochs": 0}}, "compression.params.lr_poly_drop_duration_epochs"),
     ],

@@ -299,7 +299,7 @@ def test_front_door_takes_the_autoq_metric_like_nncf():
     "cfg, call, path, message",
     [
         (autoq_config(), {}, "compression.initializer.precision", "needs a metric"),
-        (autoq_config(tolerance=0.1), None, "compression.initializer.precision.tolerance", "not a key of type 'autoq'"),
+        (autoq_config(not_a_key=0.1), None, "compression.initializer.precision.not_a_key", ""),
         (autoq_config(eval_subset_ratio=0), None, "compression.initializer.precision.eval_subset_ratio", ""),
         (autoq_config(iter_number=5, warmup_iter_number=5), {"eval_fn": lambda f, d: 0.0},
          "compression.initializer.precision.warmup_iter_number", "warmup_iter_number < iter_number"),

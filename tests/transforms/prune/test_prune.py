@@ -385,7 +385,7 @@ def test_pruning_schedules():
         (
             {"params": {"interlayer_ranking_type": "learned_ranking"}},
             r"compression.params.interlayer_ranking_type",
-            "expected one of",
+            "not implemented",
         ),
         ({"params": {"pruning_steps": 0}}, r"compression.params.pruning_steps", ""),
         ({"params": {"warmup": 3}}, r"compression.params.warmup", "unknown key"),

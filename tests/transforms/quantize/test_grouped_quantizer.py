@@ -172,9 +172,9 @@ def _stats_one() -> ChannelStatistics:
 
 def _grouped_bert(num_groups: int = 3):
     pytest.importorskip("transformers")
-    from test_transformers import padded_batch, small_encoder
-
     from purecomp.integrations import transformers as pct
+
+    from models import padded_batch, small_encoder
 
     model = pct.use_eager_attention(small_encoder("bert"))
     batch = padded_batch()
@@ -284,9 +284,9 @@ def test_grouped_linear_applies_the_output_quantizer_to_the_whole_sum():
 
 def test_grouped_scopes_must_feed_linears_and_match_something():
     pytest.importorskip("transformers")
-    from test_transformers import padded_batch, small_encoder
-
     from purecomp.integrations import transformers as pct
+
+    from models import padded_batch, small_encoder
 
     model = pct.use_eager_attention(small_encoder("bert"))
     batch = padded_batch()
