@@ -133,7 +133,7 @@ class CompressionController:
     def state(self) -> Any:
         return self.module.state
 
-    def initialize(self, data_loader: Iterable[Any] | None = None, *, calibration_mode: str = "auto") -> None:
+    def initialize(self, data_loader: Iterable[Any] | None = None, *, calibration_mode: str = "eval") -> None:
         """Range init / calibration, then BatchNorm adaptation if the config asks for it.
 
         ``data_loader`` defaults to the one given to ``register_default_init_args``.

@@ -8,6 +8,7 @@ run through ``apply`` in train mode; the model and the given tensors are not cha
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -16,7 +17,9 @@ from torch import Tensor, nn
 
 from .apply import apply
 from .compression import Compression
-from .data import take_samples
+from .data import batch_size, take_samples
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -55,7 +58,13 @@ def adapt_batchnorm(
             out[prefix + "running_mean"] = torch.zeros_like(bn.running_mean)
             out[prefix + "running_var"] = torch.ones_like(bn.running_var)
             out[prefix + "num_batches_tracked"] = torch.zeros_like(bn.num_batches_tracked)
+        used = 0
         with torch.no_grad():
             for args, kwargs in take_samples(data, num_samples, "BN adaptation"):
+                if batch_size(args, kwargs) < 2:
+                    continue  # one sample gives no batch statistics (BatchNorm refuses it after pooling)
                 apply(model, method, out, state, *args, **kwargs)
+                used += 1
+        if not used:
+            log.warning("BN adaptation skipped: every calibration batch held a single sample")
     return out

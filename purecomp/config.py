@@ -25,7 +25,7 @@ from .graph import ModelGraph, trace
 from .registry import ALGORITHMS
 from .registry import schema as registered_schema
 
-DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's default for num_bn_adaptation_samples
+DEFAULT_BN_ADAPTATION_SAMPLES = 0  # NNCF adapts on 2000 samples by default; see docs/config.md
 
 _DTYPES = {
     "float": torch.float32, "double": torch.float64, "half": torch.float16,
@@ -134,7 +134,7 @@ class CompressionConfig:
     def num_bn_adaptation_samples(self) -> int:
         """Largest BatchNorm-adaptation sample count requested by any algorithm (0: none). A section
         without ``initializer.batchnorm_adaptation.num_bn_adaptation_samples`` asks for NNCF's
-        default, ``DEFAULT_BN_ADAPTATION_SAMPLES`` (2000); set it to 0 to turn adaptation off."""
+        default, ``DEFAULT_BN_ADAPTATION_SAMPLES`` (0: off; NNCF uses 2000, docs/config.md says why purecomp does not yet)."""
         counts = [
             s.get("initializer", {}).get("batchnorm_adaptation", {}).get(
                 "num_bn_adaptation_samples", DEFAULT_BN_ADAPTATION_SAMPLES)

@@ -137,9 +137,12 @@ def test_root_keys_that_change_results_raise_and_the_others_warn():
         pc.Config.from_dict(config({"algorithm": "quantization"}, disable_shape_matching=True))
 
 
-def test_bn_adaptation_defaults_to_nncf_2000_samples():
+def test_bn_adaptation_runs_only_when_asked():
+    """purecomp keeps BatchNorm adaptation off by default (NNCF: 2000 samples; docs/config.md)."""
     cc = pc.Config.from_dict(config({"algorithm": "magnitude_sparsity"})).compression_config()
-    assert cc.num_bn_adaptation_samples == 2000
+    assert cc.num_bn_adaptation_samples == 0
+    asked = {"algorithm": "quantization", "initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 64}}}
+    assert pc.Config.from_dict(config(asked)).compression_config().num_bn_adaptation_samples == 64
     cc = pc.Config.from_dict(config({"algorithm": "quantization", "initializer": NO_BN})).compression_config()
     assert cc.num_bn_adaptation_samples == 0
 
