@@ -26,11 +26,12 @@ from purecomp.errors import (
 
 INPUT = (2, 1, 8, 8)
 QUANT = {"algorithm": "quantization", "initializer": {"range": {"num_init_samples": 4}}}
+ADAPT = {"initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 4}}}  # these calibrate only here
 SECTIONS = {
     "quantization": QUANT,
-    "magnitude_sparsity": {"algorithm": "magnitude_sparsity"},
-    "rb_sparsity": {"algorithm": "rb_sparsity"},
-    "filter_pruning": {"algorithm": "filter_pruning"},
+    "magnitude_sparsity": {"algorithm": "magnitude_sparsity", **ADAPT},
+    "rb_sparsity": {"algorithm": "rb_sparsity", **ADAPT},
+    "filter_pruning": {"algorithm": "filter_pruning", **ADAPT},
     "binarization": {"algorithm": "binarization"},
 }
 
