@@ -29,7 +29,7 @@ from purecomp.errors import ConfigError
 from purecomp.stats import Table
 
 from .dataset import Dataset
-from .parameters import AdvancedQuantizationParameters, IgnoredScope
+from .parameters import AdvancedQuantizationParameters, IgnoredScope, options_of
 from .pipeline import calibration_batches, quantize
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,7 @@ class AdvancedAccuracyRestorerParameters:
 
     @classmethod
     def of(cls, value: Any) -> AdvancedAccuracyRestorerParameters:
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError("advanced_accuracy_restorer_parameters", f"expected a dict, got {type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in value:
-            if key not in known:
-                raise ConfigError(f"advanced_accuracy_restorer_parameters.{key}",
-                                  f"unknown key; expected one of {sorted(known)}")
-        return cls(**dict(value))
+        return options_of(cls, value, "advanced_accuracy_restorer_parameters")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,19 +76,24 @@ class AdvancedQuantizationParameters:
                               f"expected 0 <= low < high <= 100, got {self.activations_percentiles}")
 
     @classmethod
-    def of(cls, value: AdvancedQuantizationParameters | Mapping[str, Any] | None) -> AdvancedQuantizationParameters:
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError("advanced_parameters", f"expected AdvancedQuantizationParameters or a dict, got "
-                              f"{type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in value:
-            if key not in known:
-                raise ConfigError(f"advanced_parameters.{key}", f"unknown key; expected one of {sorted(known)}")
-        return cls(**dict(value))
+    def of(cls, value: Any) -> AdvancedQuantizationParameters:
+        return options_of(cls, value, "advanced_parameters")
+
+
+def options_of(cls: type, value: Any, path: str) -> Any:
+    """``value`` as an options dataclass ``cls``: ``None`` gives the defaults, an instance passes,
+    a dict is checked key by key (``ConfigError`` at ``<path>.<key>`` for an unknown one)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected {cls.__name__} or a dict, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", f"unknown key; expected one of {sorted(known)}")
+    return cls(**dict(value))
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
