@@ -203,6 +203,17 @@ def pruning_exponential(init: float, target: float, num_init_steps: int = 0, pru
     return _warmed(lambda t: min(target, inner(Progress(epoch=t))), num_init_steps)
 
 
+def _bisect_increasing(h: Callable[[float], float], value: float, lo: float = 1.0 + 1e-12) -> float:
+    """The ``y > lo`` with ``h(y) = value`` for ``h`` increasing on ``y > lo`` (bracket doubled, then bisected)."""
+    hi = 2 * lo
+    while h(hi) < value:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if h(mid) < value else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def exponential_with_bias_coefficients(init: float, target: float, pruning_steps: int, d: float = 0.125, path: str = "") -> tuple[float, float, float]:
     """``(a, b, k)`` of ``level(t) = a exp(-k t) + b`` with ``level(0) = init``,
     ``level(T) = target`` and ``level(d T) = 3/4 target`` (T = ``pruning_steps``; SFP paper).
@@ -211,25 +222,23 @@ def exponential_with_bias_coefficients(init: float, target: float, pruning_steps
     ``(1 - 1/y) / (1 - y^-8) = (3/4 target - init) / (target - init)``; the left side rises from
     1/8 to 1 on ``y > 1``, so a root exists when ``init < 5/7 target``; bisection finds it. (For
     ``init = 0`` this is NNCF's ``y/3 + y^-7 = 4/3``; NNCF keeps that equation for any ``init``,
-    which stops short of ``target``; the general system reaches it.)"""
+    which stops short of ``target``; the general system reaches it.)
+
+    For ``5/7 target <= init < target`` the waypoint ``3/4 target`` lies below ``init`` and no rising
+    curve passes through it; the curvature ``k`` then comes from NNCF's equation and ``a``, ``b``
+    from the two end points, so the level still rises from ``init`` to ``target``."""
     if target == init:
         return 0.0, target, 0.0
-    if not init < 5 / 7 * target:
-        raise ConfigError(
-            f"{path}pruning_init",
-            f"exponential_with_bias needs pruning_init < 5/7 pruning_target ({5 / 7 * target:.4g}), got {init}",
-        )
-    ratio = (0.75 * target - init) / (target - init)
-    h = lambda y: (1 - 1 / y) / (1 - y**-8)  # noqa: E731
-    lo, hi = 1.0 + 1e-12, 2.0
-    while h(hi) < ratio:
-        hi *= 2
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if h(mid) < ratio else (lo, mid)
-    y = 0.5 * (lo + hi)
+    if init < 5 / 7 * target:
+        ratio = (0.75 * target - init) / (target - init)
+        y = _bisect_increasing(lambda y: (1 - 1 / y) / (1 - y**-8), ratio)
+        k = math.log(y) / (d * pruning_steps)
+        a = (target - init) / (y**-8 - 1)
+        return a, init - a, k
+    # y/3 + y^-7 falls to its minimum at y = 21^(1/8), then rises through 4/3 once.
+    y = _bisect_increasing(lambda y: y / 3 + y**-7, 4 / 3, lo=21 ** (1 / 8))
     k = math.log(y) / (d * pruning_steps)
-    a = (target - init) / (y**-8 - 1)
+    a = (target - init) / (math.exp(-k * pruning_steps) - 1)
     return a, init - a, k
 
 

@@ -357,8 +357,14 @@ def test_pruning_schedules():
         assert a + b == pytest.approx(init)
         assert a * math.exp(-k * 16) + b == pytest.approx(0.5)
         assert a * math.exp(-k * 2) + b == pytest.approx(0.375)
-    with pytest.raises(ConfigError, match="pruning_init"):
-        schedules.pruning_exponential_with_bias(0.45, 0.5)
+    # init above 5/7 target (NNCF accepts it): NNCF's curvature, still from init to target, rising
+    a, b, k = schedules.exponential_with_bias_coefficients(0.45, 0.5, 16)
+    y = math.exp(k * 2)
+    assert y / 3 + y**-7 == pytest.approx(4 / 3) and y > 1.2
+    high = schedules.pruning_exponential_with_bias(0.45, 0.5, pruning_steps=16)
+    levels = [high(p(e)) for e in range(20)]
+    assert levels[0] == pytest.approx(0.45) and levels[16] == pytest.approx(0.5) and levels[19] == 0.5
+    assert all(x <= y + 1e-12 for x, y in zip(levels, levels[1:]))
 
 
 @pytest.mark.parametrize(
