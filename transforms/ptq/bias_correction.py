@@ -5,9 +5,15 @@ weights, and the quantized model's input to ``L``), the per-channel error of the
 ``e_c = E[y_c] - E[y_q,c]`` over the calibration data (batch and spatial positions), is added
 to ``L``'s bias: ``b_c <- b_c + e_c`` (Nagel et al., 2019, empirical bias correction).
 
-``fast`` measures every layer in one pass of the float and the quantized model. The full
-variant walks the layers in graph order and measures each after the layers before it were
-corrected (one quantized pass per layer): slower, more accurate when errors compound.
+``fast`` (NNCF's fast bias correction) corrects each layer for the error of its own
+quantization only: in one pass of the float model, each layer is also run quantized (its
+quantized weight, its input activation quantizers) on the float input it receives there, and
+``y_q`` is that output. The errors of the layers before ``L`` are left to their own
+corrections; measuring ``y_q`` in the quantized model instead would correct an upstream
+layer's shift once there and again in every layer after it. The full variant walks the layers
+in graph order and measures each in the quantized model after the layers before it were
+corrected (one quantized pass per layer): slower, it also compensates what the corrected
+upstream errors still shift downstream.
 """
 
 from __future__ import annotations
@@ -15,16 +21,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import optree
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from purecomp.apply import call_with_sites
 from purecomp.compression import Compression, compose_sites, with_training
 from purecomp.data import take_samples
 from purecomp.graph import ModelGraph
+from purecomp.intercept import Interceptor, ScopeStack
 
-CORRECTED_OPS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
+LAYER_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear}
+CORRECTED_OPS = frozenset(LAYER_FUNCTIONS)
 
 
 def correctable_layers(graph: ModelGraph, params: Mapping[str, Tensor], weights: Iterable[str]) -> list[str]:
@@ -71,6 +82,60 @@ def _means(
     return {k: (sums[k] / counts[k]).float() for k in sums}
 
 
+def input_quantizers(site: str, sites: Mapping[str, Any], state: Any) -> list[Any]:
+    """The activation transforms that act on the data input of ``site``: one at ``<site>:in0``
+    and those at producers whose consumers (``state.consumers_of``) include ``site``."""
+    consumers_of = getattr(state, "consumers_of", None)
+    return [fn for key, fn in sites.items()
+            if key == f"{site}:in0" or (consumers_of is not None and site in consumers_of(key))]
+
+
+def _layer_sums(y: Tensor, kind: str) -> tuple[Tensor, int]:
+    """``(sum over all positions per output channel, count)`` of a layer output: channels on axis 1
+    for a conv, on the last axis for a linear (whatever its rank)."""
+    y = y.detach().double()
+    if kind != "linear" and y.dim() > 2:
+        y = y.movedim(1, -1)
+    flat = y.reshape(-1, y.shape[-1])
+    return flat.sum(dim=0), flat.shape[0]
+
+
+def _local_means(
+    model: nn.Module, params: Mapping[str, Tensor], quantized: Mapping[str, Tensor], sites: Mapping[str, Any],
+    state: Any, layers: Sequence[str], batches: Sequence[tuple[tuple, dict]],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One pass of the float model: per layer site, the per-channel mean of its float output and
+    of the same call with its weight quantized and its input through ``input_quantizers``."""
+    wanted = set(layers)
+    inputs = {site: input_quantizers(site, sites, state) for site in layers}
+    sums: dict[str, list[Tensor]] = {}
+    counts: dict[str, int] = {}
+
+    def record(site: str, kind: str, scope: str, index: int, args: Any, kwargs: Any, out: Any) -> None:
+        if site not in wanted:
+            return
+        weight, bias = params[f"{scope}.weight"], params.get(f"{scope}.bias")
+        leaves, spec = optree.tree_flatten((args, kwargs))
+        data = next(i for i, leaf in enumerate(leaves)
+                    if isinstance(leaf, Tensor) and leaf is not weight and leaf is not bias)
+        for fn in inputs[site]:
+            leaves[data] = fn(leaves[data])
+        leaves = [quantized[f"{scope}.weight"] if leaf is weight else leaf for leaf in leaves]
+        q_args, q_kwargs = optree.tree_unflatten(spec, leaves)
+        pairs = (_layer_sums(out, kind), _layer_sums(LAYER_FUNCTIONS[kind](*q_args, **q_kwargs), kind))
+        sums[site] = [a + b for a, (b, _) in zip(sums[site], pairs)] if site in sums else [t for t, _ in pairs]
+        counts[site] = counts.get(site, 0) + pairs[0][1]
+
+    scopes = ScopeStack(model)
+    with torch.no_grad():
+        for args, kwargs in batches:
+            with scopes.attached(), Interceptor(scopes, recorder=record):
+                functional_call(model, dict(params), args, kwargs)
+    reference = {site: (sums[site][0] / counts[site]).float() for site in sums}
+    measured = {site: (sums[site][1] / counts[site]).float() for site in sums}
+    return reference, measured
+
+
 def bias_correction(
     model: nn.Module,
     graph: ModelGraph,
@@ -97,14 +162,20 @@ def bias_correction(
     model.eval()
     out = dict(params)
     try:
+        if fast:
+            reference, measured = _local_means(model, params, quantized, method.sites(state), state, sites_of,
+                                               batches)
+            for site in sites_of:
+                bias = f"{site.rpartition('/')[0]}.bias"
+                if site in reference:
+                    out[bias] = out[bias].detach() + (reference[site] - measured[site]).to(out[bias].dtype)
+            return out
         reference = _means(model, params, {}, keys, batches)
-        groups = [keys] if fast else [[k] for k in keys]
-        for group in tqdm(groups, desc="bias correction", disable=not progress_bar or fast or None, leave=False):
+        for key in tqdm(keys, desc="bias correction", disable=not progress_bar or None, leave=False):
             current = method.params(out, state)
-            measured = _means(model, current, method.sites(state), group, batches)
-            for key in group:
-                bias = f"{key.rpartition('/')[0]}.bias"
-                out[bias] = (out[bias].detach() + (reference[key] - measured[key]).to(out[bias].dtype))
+            measured = _means(model, current, method.sites(state), [key], batches)
+            bias = f"{key.rpartition('/')[0]}.bias"
+            out[bias] = (out[bias].detach() + (reference[key] - measured[key]).to(out[bias].dtype))
     finally:
         model.train(was_training)
     return out

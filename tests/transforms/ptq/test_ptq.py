@@ -177,6 +177,32 @@ def test_fast_bias_correction_matches_the_first_layers_float_mean():
     assert float(after) < 1e-4 < float(before)
 
 
+def test_fast_bias_correction_corrects_each_layer_for_its_own_error_only():
+    """Three linear layers, no activation function: each layer's own (4-bit weight) mean error is
+    corrected once. Measuring every layer in the quantized model instead would also correct, in
+    each later layer, the upstream shifts the earlier corrections already remove."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16)).eval()
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(64, 32, generator=g) + 2.0 for _ in range(4)]
+    graph = pc.trace(model, (data[0],))
+    method = pc.quantization(weights=dict(bits=4, per_channel=False), activations=dict(bits=8))
+    params = dict(model.named_parameters())
+    state = method.init(graph, params, data)
+    corrected = bias_correction(model, graph, method, params, state, [(x,) for x in data], 256)
+
+    def last_mean(p: dict, quantized: bool) -> torch.Tensor:
+        sites = method.sites(state) if quantized else {}
+        with torch.no_grad():
+            return torch.cat([call_with_sites(model, method.params(p, state) if quantized else p, sites, (x,), {})
+                              for x in data]).mean(dim=0)
+
+    reference = last_mean(params, quantized=False)
+    before = (last_mean(params, quantized=True) - reference).abs().max()
+    after = (last_mean(corrected, quantized=True) - reference).abs().max()
+    assert float(after) < 0.1 * float(before), (float(after), float(before))
+
+
 # ------------------------------------------------------------------ the one call
 
 
