@@ -41,6 +41,12 @@ class ExportContext:
     modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     handled: set[str] = dataclasses.field(default_factory=set)
 
+    def add_site_module(self, key: str, module: nn.Module) -> None:
+        """Put ``module`` at site ``key``; a module already there (an earlier chain member's
+        transform at the same key) runs first: ``nn.Sequential(earlier, module)``."""
+        earlier = self.modules.get(key)
+        self.modules[key] = module if earlier is None else nn.Sequential(earlier, module)
+
 
 class ExportRule:
     """Base class of export rules; every phase does nothing unless overridden."""

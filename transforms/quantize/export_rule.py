@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
 from purecomp.errors import StateError
 from purecomp.export.embedding import replace_quantized_embeddings
 from purecomp.export.grouped_linear import output_key, split_grouped_linear
@@ -50,9 +52,10 @@ class QuantizationExport(ExportRule):
                 if context.kept:
                     raise StateError("materialize does not combine filter pruning with grouped quantizers")
                 continue
-            if key in context.modules or context.remap.get(key, key) in context.modules:
-                raise StateError(f"two activation transforms at {key!r}: materialize supports one quantizer per site")
-            context.modules[context.remap.get(key, key)] = QuantizeDequantize.of(quantizer)
+            target = context.remap.get(key, key)
+            if any(isinstance(m, QuantizeDequantize) for m in _parts(context.modules.get(target))):
+                raise StateError(f"two activation transforms at {key!r} are quantizers: materialize supports one quantizer per site")
+            context.add_site_module(target, QuantizeDequantize.of(quantizer))
             if graph is not None:
                 for site in requantized_inputs(graph, key, self.state.consumers_of(key)):
                     context.modules[site] = QuantizeDequantize.of(quantizer)
@@ -64,6 +67,13 @@ class QuantizationExport(ExportRule):
                 output = context.modules.pop(output_key(key), None)
                 split_grouped_linear(context.model, key, quantizer, context.graph, output=output, sites=keys)
         replace_quantized_embeddings(context.model, keep=scopes_with_sites(context.modules, "embedding"))
+
+
+def _parts(module: Any) -> list[Any]:
+    """``module`` and, for a ``Sequential`` of site transforms, its members."""
+    if module is None:
+        return []
+    return list(module) if isinstance(module, nn.Sequential) else [module]
 
 
 def scopes_with_sites(modules: Mapping[str, Any], op: str) -> set[str]:

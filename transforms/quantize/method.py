@@ -13,6 +13,7 @@ from torch import Tensor
 from purecomp.compression import Compression, Progress
 from purecomp.errors import ConfigError, QuantizerRangeError
 from purecomp.init_context import InitContext
+from purecomp.op_kinds import QUANTIZABLE_OPS
 from purecomp.ops.levels import check_bits
 from purecomp.scopes import select_sites
 from purecomp.struct import static_field, struct
@@ -125,6 +126,7 @@ def quantization(
     range_init: RangeInit | None = None,
     quantize_inputs: bool = True,
     quantize_outputs: bool = False,
+    quantize_at_inputs_of: Sequence[str] = (),
     precision: Precision | None = None,
     origin: str = "",
 ) -> Compression:
@@ -134,11 +136,22 @@ def quantization(
     to bits, overriding ``bits`` (a mixed-precision plan), or is an initializer computing such a
     plan at ``init`` (``purecomp.transforms.mixed_precision.hawq``, ``manual``). ``origin`` prefixes the JSON path in
     error messages (``compression[1].`` when built from a config).
+
+    ``quantize_at_inputs_of`` (op kinds, e.g. ``("linear",)``): each call of these ops gets its own
+    activation quantizer at its input (key ``<site>:in<k>``) instead of sharing one on the tensor.
+    The tensor's other readers (a transformer's residual add) then read it unquantized, and a
+    transform an earlier chain member puts at that input (SmoothQuant's ``x / s``) runs before
+    the quantizer and before its range init.
     """
     w_settings = QuantizerSettings.of(weights, f"{origin}weights")
     a_settings = QuantizerSettings.of(activations, f"{origin}activations")
     if a_settings.per_channel:
         raise ConfigError(f"{origin}activations.per_channel", "per-channel activation quantizers are not supported; expected false")
+    input_ops = tuple(quantize_at_inputs_of)
+    for op in input_ops:
+        if op not in QUANTIZABLE_OPS:
+            raise ConfigError(f"{origin}quantize_at_inputs_of", f"{op!r} is not a quantizable op kind; expected some of "
+                              f"{sorted(QUANTIZABLE_OPS)}")
     init_cfg = range_init or RangeInit()
     fixed_plan = None if callable(precision) else check_plan(precision or {}, origin)
 
@@ -146,7 +159,8 @@ def quantization(
         graph = context.graph
         allowed = select_sites(graph, ignored_scopes, target_scopes, origin, context.scope)
         w_targets = weight_targets(graph, allowed)
-        a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)
+        a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs,
+                                       quantize_outputs=quantize_outputs, input_ops=input_ops)
         request = PrecisionRequest(
             graph, context.params, context.data, tuple(w_targets), tuple(a_targets), w_settings, origin,
             activation_quantizers=lambda p: activation_quantizers(context, a_targets, a_settings, p, init_cfg),

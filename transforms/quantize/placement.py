@@ -145,14 +145,23 @@ def weight_targets(graph: ModelGraph, allowed: Iterable[str]) -> list[WeightTarg
 
 
 def activation_targets(
-    graph: ModelGraph, allowed: Iterable[str], *, quantize_inputs: bool, quantize_outputs: bool
+    graph: ModelGraph, allowed: Iterable[str], *, quantize_inputs: bool, quantize_outputs: bool,
+    input_ops: Iterable[str] = (),
 ) -> list[ActivationTarget]:
+    """Tensors to quantize, one quantizer shared by all the tensor's quantized readers; the readers
+    whose op is in ``input_ops`` get their own quantizer at their input instead (key
+    ``<site>:in<k>``), which the tensor's other readers do not see."""
     allowed = set(allowed)
+    own_input = frozenset(input_ops)
     consumers: dict[TensorRef, list[str]] = {}
+    at_inputs: list[ActivationTarget] = []
     for node in graph:
         if node.site not in allowed:
             continue
         for k in activation_positions(graph, node):
+            if node.op in own_input:
+                at_inputs.append(ActivationTarget(f"{node.site}:in{k}", TensorRef("node", node.site), (node.site,)))
+                continue
             src = source_of(graph, node.inputs[k])
             producer = graph.producer(src)
             if producer is not None and producer.op in EMBEDDING_OPS:
@@ -168,7 +177,7 @@ def activation_targets(
         ActivationTarget(ref.key, ref, tuple(sites))
         for ref, sites in consumers.items()
         if quantize_inputs or ref.kind != "input"
-    ]
+    ] + at_inputs
     order = {node.site: i for i, node in enumerate(graph)}
     targets.sort(key=lambda t: order.get(t.ref.name, -1) if t.ref.kind == "node" else -1)
     return targets
