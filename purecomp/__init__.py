@@ -33,6 +33,7 @@ from .transforms.ptq import (
     strip,
 )
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
+from .transforms.smooth_quant import smooth_quant
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "identity",
     "load_config",
     "magnitude_sparsity",
+    "smooth_quant",
     "model_cost",
     "pruning_cost",
     "quantization",

@@ -15,6 +15,7 @@ TARGET_DEVICES = ("ANY", "CPU", "GPU", "NPU", "CPU_SPR")
 MODEL_TYPES = (None, "transformer")
 WEIGHT_ESTIMATORS = ("min_max", "mse")
 ACTIVATION_ESTIMATORS = ("min_max", "mean_min_max", "percentile", "mse")
+SMOOTH_QUANT_TYPES = frozenset({"matmul", "convolution"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,12 @@ class AdvancedQuantizationParameters:
     ``batchnorm_folding``: fold BatchNorm into the conv / linear before it first.
     ``cross_layer_equalization`` (with ``bias_absorption``): equalize conv pairs (CNNs with
     depthwise layers or badly scaled channels). ``disable_bias_correction``: skip bias
-    correction. ``quantize_outputs``: quantize the model outputs too. ``smooth_quant_alpha``:
-    SmoothQuant's migration strength for ``model_type="transformer"`` (negative: off)."""
+    correction. ``quantize_outputs``: quantize the model outputs too. ``smooth_quant_alphas``
+    (NNCF's ``AdvancedSmoothQuantParameters`` as a dict): SmoothQuant's migration strength per
+    layer type for ``model_type="transformer"``, ``matmul`` (linear layers; default 0.95) and
+    ``convolution`` (must stay negative, i.e. off: SmoothQuant for convolutions is not built); a
+    negative value turns it off. ``smooth_quant_alpha``: NNCF's older single value, overrides
+    ``matmul`` when given."""
 
     weights_range_estimator: str = "min_max"
     weights_per_channel: bool = True
@@ -61,7 +66,9 @@ class AdvancedQuantizationParameters:
     bias_absorption: bool = True
     disable_bias_correction: bool = False
     quantize_outputs: bool = False
-    smooth_quant_alpha: float = 0.95
+    smooth_quant_alphas: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"matmul": 0.95, "convolution": -1.0})
+    smooth_quant_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.weights_range_estimator not in WEIGHT_ESTIMATORS:
@@ -70,10 +77,28 @@ class AdvancedQuantizationParameters:
         if self.activations_range_estimator not in ACTIVATION_ESTIMATORS:
             raise ConfigError("advanced_parameters.activations_range_estimator",
                               f"expected one of {list(ACTIVATION_ESTIMATORS)}, got {self.activations_range_estimator!r}")
+        alphas = dict(self.smooth_quant_alphas)
+        if set(alphas) - SMOOTH_QUANT_TYPES:
+            raise ConfigError("advanced_parameters.smooth_quant_alphas",
+                              f"unknown layer types {sorted(set(alphas) - SMOOTH_QUANT_TYPES)}; expected "
+                              f"{sorted(SMOOTH_QUANT_TYPES)}")
+        for name, value in [*alphas.items(), ("smooth_quant_alpha", self.smooth_quant_alpha)]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value > 1):
+                raise ConfigError(f"advanced_parameters.{name}", f"expected a number <= 1 (negative: off), got {value!r}")
+        if alphas.get("convolution", -1) >= 0:
+            raise ConfigError("advanced_parameters.smooth_quant_alphas.convolution",
+                              "SmoothQuant for convolutions is not built; expected a negative value (off)")
         low, high = self.activations_percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError("advanced_parameters.activations_percentiles",
                               f"expected 0 <= low < high <= 100, got {self.activations_percentiles}")
+
+    @property
+    def matmul_alpha(self) -> float:
+        """SmoothQuant's alpha for linear layers (negative: off)."""
+        if self.smooth_quant_alpha is not None:
+            return float(self.smooth_quant_alpha)
+        return float(dict(self.smooth_quant_alphas).get("matmul", 0.95))
 
     @classmethod
     def of(cls, value: Any) -> AdvancedQuantizationParameters:

@@ -23,13 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from purecomp.api import CompressedModule
-from purecomp.compression import with_training
+from purecomp.compression import chain, compose_sites, with_training
 from purecomp.data import take_samples
 from purecomp.errors import CalibrationError, ConfigError
 from purecomp.export import materialize, to_onnx
 from purecomp.export.materialize import fold_batchnorms
 from purecomp.graph import ModelGraph, trace
-from purecomp.transforms.quantize import RangeInit, quantization
+from purecomp.integrations.hf_compress import TRANSFORMER_TARGET_SCOPES, use_eager_attention
+from purecomp.transforms.quantize import QuantizationState, RangeInit, quantization
+from purecomp.transforms.smooth_quant import smooth_quant
 
 from .bias_correction import CORRECTED_OPS, bias_correction
 from .dataset import Dataset, model_inputs
@@ -76,6 +78,15 @@ def _as_data(batches: Sequence[tuple[tuple, dict]]) -> list[Any]:
 def _trace(model: nn.Module, batches: Sequence[tuple[tuple, dict]]) -> ModelGraph:
     args, kwargs = batches[0]
     return trace(model, args, kwargs)
+
+
+def _eager_attention(model: nn.Module) -> None:
+    """Switch the outermost HuggingFace model inside ``model`` (if any) to eager attention, so the
+    two attention matmuls are quantizable ops (``use_eager_attention``)."""
+    for module in model.modules():
+        if hasattr(getattr(module, "config", None), "_attn_implementation"):
+            use_eager_attention(module)
+            return
 
 
 def _add_zero_biases(model: nn.Module, graph: ModelGraph) -> None:
@@ -125,14 +136,14 @@ def quantize(
     if not isinstance(subset_size, int) or isinstance(subset_size, bool) or subset_size < 1:
         raise ConfigError("subset_size", f"expected a positive number of samples, got {subset_size!r}")
     options = AdvancedQuantizationParameters.of(advanced_parameters)
-    if model_type == "transformer":
-        raise ConfigError("model_type", "the transformer path (SmoothQuant, transformer placement) is not built yet; "
-                          "quantize transformers with purecomp.integrations.transformers")
+    transformer = model_type == "transformer"
     batches = calibration_batches(calibration_dataset, subset_size)
     data = _as_data(batches)
     work = copy.deepcopy(model).eval()
+    if transformer:
+        _eager_attention(work)
     graph = _trace(work, batches)
-    if options.batchnorm_folding:
+    if options.batchnorm_folding and not transformer:
         fold_batchnorms(work, graph, {})
         graph = _trace(work, batches)
     if options.cross_layer_equalization:
@@ -144,24 +155,36 @@ def quantize(
     if not options.disable_bias_correction:
         _add_zero_biases(work, graph)
         graph = _trace(work, batches)
-    mode = PRESETS[preset or "performance"]
+    mode = PRESETS[preset or ("mixed" if transformer else "performance")]  # NNCF's defaults per model type
     low, high = options.activations_percentiles
+    ignored = _ignored(ignored_scope, graph)
     method = quantization(
         weights=dict(mode="symmetric", bits=8, per_channel=options.weights_per_channel),
         activations=dict(mode=mode, bits=8),
-        ignored_scopes=_ignored(ignored_scope, graph),
+        ignored_scopes=ignored,
+        target_scopes=TRANSFORMER_TARGET_SCOPES if transformer else None,
         range_init=RangeInit(type=ACTIVATION_RANGE_TYPES[options.activations_range_estimator],
                              num_init_samples=subset_size, min_percentile=low, max_percentile=high),
         quantize_outputs=options.quantize_outputs,
+        quantize_at_inputs_of=("linear",) if transformer else (),
         origin="quantize.",
     )
+    alpha = options.matmul_alpha
+    if transformer and alpha >= 0:
+        method = chain(smooth_quant(alpha, ignored_scopes=ignored, num_samples=subset_size), method)
     params = dict(work.named_parameters())
     state = method.init(graph, params, data, calibration_mode="eval")  # PTQ: ranges as inference sees them
+    smoothed = method.params(params, _without_quantization(state))  # the weights the quantizers see
+    before = method.sites(_without_quantization(state))  # the input transforms their quantizers follow
     if options.weights_range_estimator == "mse":
-        state = dataclasses.replace(state, weights=mse_weight_quantizers(state.weights, params))
+        state = _map_quantization(state, lambda q: dataclasses.replace(
+            q, weights=mse_weight_quantizers(q.weights, smoothed)))
     if options.activations_range_estimator == "mse":
-        samples = activation_samples(work, params, dict, list(state.activations), data, subset_size)
-        state = dataclasses.replace(state, activations=mse_activation_quantizers(state.activations, samples))
+        q_state = _quantization_state(state)
+        samples = activation_samples(work, smoothed, lambda observers: compose_sites([before, observers]),
+                                     list(q_state.activations), data, subset_size)
+        state = _map_quantization(state, lambda q: dataclasses.replace(
+            q, activations=mse_activation_quantizers(q.activations, samples)))
     if not options.disable_bias_correction:
         corrected = bias_correction(work, graph, method, params | dict(work.named_buffers()), state, data,
                                     subset_size, fast=fast_bias_correction)
@@ -173,6 +196,21 @@ def quantize(
     module.set_state(state)
     module.graph = graph
     return module.eval()
+
+
+def _quantization_state(state: Any) -> QuantizationState:
+    """The ``QuantizationState`` of ``state`` (itself, or the last member of a chain's tuple)."""
+    return state if isinstance(state, QuantizationState) else state[-1]
+
+
+def _map_quantization(state: Any, fn: Any) -> Any:
+    """``state`` with its ``QuantizationState`` replaced by ``fn`` of it."""
+    return fn(state) if isinstance(state, QuantizationState) else (*state[:-1], fn(state[-1]))
+
+
+def _without_quantization(state: Any) -> Any:
+    """``state`` with every quantizer removed (the earlier chain members' transforms only)."""
+    return _map_quantization(state, lambda q: dataclasses.replace(q, weights={}, activations={}, consumers=()))
 
 
 def _parts(module: CompressedModule) -> tuple[nn.Module, Any, dict[str, Tensor], Any, ModelGraph | None]:
