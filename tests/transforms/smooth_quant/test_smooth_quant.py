@@ -139,6 +139,12 @@ def test_transformer_quantize_exports_to_onnx_that_onnxruntime_runs(tmp_path):
     assert integer >= 12  # onnxruntime runs the smoothed linears as integer matmuls
     titles = [t.title for t in pc.statistics(q.graph, q.state).tables]
     assert titles == ["smooth_quant", "quantizers"]
+    ov = pytest.importorskip("openvino", reason="the optional 'openvino' extra is not installed")
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(path)), "CPU")
+    with torch.no_grad():
+        expected = q(*x).numpy()
+    out = compiled([t.numpy() for t in x])[0]
+    assert np.abs(out - expected).max() <= 4 * result.output_step
 
 
 def test_smooth_quant_state_survives_a_checkpoint(tmp_path):
