@@ -185,16 +185,19 @@ def quantize(
                                      list(q_state.activations), data, subset_size)
         state = _map_quantization(state, lambda q: dataclasses.replace(
             q, activations=mse_activation_quantizers(q.activations, samples)))
+    uncorrected: dict[str, Tensor] = {}  # biases before bias correction
     if not options.disable_bias_correction:
         corrected = bias_correction(work, graph, method, params | dict(work.named_buffers()), state, data,
                                     subset_size, fast=fast_bias_correction)
         with torch.no_grad():
             for name, p in params.items():
                 if corrected[name] is not p:
+                    uncorrected[name] = p.detach().clone()
                     p.copy_(corrected[name])
     module = CompressedModule(work, method)
     module.set_state(state)
     module.graph = graph
+    module.uncorrected_biases = uncorrected  # what a layer returned to float needs (accuracy control)
     return module.eval()
 
 

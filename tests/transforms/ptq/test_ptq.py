@@ -26,6 +26,7 @@ from purecomp.transforms.ptq import (
     equalization_pairs,
     mse_quantizer,
 )
+from purecomp.transforms.ptq.accuracy_control import nmse, ranking_batches
 from purecomp.transforms.quantize import make_quantizer
 
 
@@ -299,6 +300,46 @@ def test_accuracy_control_returns_layers_to_float_until_the_drop_fits():
     if report.steps:
         assert report.steps[-1].drop <= 2.0 or len(report.steps) == 8
     assert "returned to float" in str(report.table())
+
+
+def _small_cnn() -> nn.Module:
+    """conv-BN-ReLU twice, then a linear classifier: every quantizer belongs to one layer."""
+    torch.manual_seed(0)
+    return _with_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10)), 8)
+
+
+def test_accuracy_control_returns_layers_to_float_with_their_biases_before_correction():
+    """A layer back in float runs with the bias it had before bias correction: with every layer
+    returned, the model is the float model again (the corrected biases would stay off)."""
+    model = _small_cnn()
+    validation = calibration(2, 8)
+
+    def closeness(candidate: nn.Module, data) -> float:  # 0 for the float model
+        with torch.no_grad():
+            return -max(float((candidate(x) - model(x)).abs().max()) for x in data)
+
+    q = pc.quantize_with_accuracy_control(model, pc.Dataset(calibration(2, 8)), pc.Dataset(validation), closeness,
+                                          max_drop=1e-4, subset_size=16, progress_bar=False)
+    report = q.accuracy_control
+    assert sorted(report.reverted) == ["0", "3", "7"] and not q.state.weights and not q.state.activations
+    assert report.steps[-1].drop <= 1e-4
+    assert report.validation_calls == 2 + len(report.steps)
+
+
+def test_ranking_subset_is_the_samples_farthest_from_float():
+    model = _small_cnn()
+    q = pc.quantize(model, pc.Dataset(calibration(1, 8)), subset_size=8,
+                    advanced_parameters=dict(weights_per_channel=False))
+    data = calibration(3, 8)  # 24 samples in batches of 8
+    with torch.no_grad():
+        errors = torch.cat([nmse(model(x), q(x)) for x in data])
+    chosen = ranking_batches(model, q, pc.Dataset(data), 5)
+    rows = torch.cat([args[0] for args, _ in chosen]).flatten(1)
+    samples = torch.cat(data).flatten(1)
+    found = [int((samples == row).all(dim=1).nonzero()) for row in rows]
+    assert sorted(found) == sorted(errors.topk(5).indices.tolist())
 
 
 def test_accuracy_control_rejects_bad_arguments():
