@@ -103,7 +103,8 @@ def run_observers(
 
     def observer(key: str) -> SiteFn:
         def observe(x: Tensor) -> Tensor:
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            # min and max propagate NaN and reach +-inf: one reduction instead of a mask of the tensor
+            if x.is_floating_point() and x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
                 raise CalibrationError(f"{what}: site {key!r} saw NaN or inf on the calibration data; "
                                        "check the data (and the model) for non-finite values")
             record(key, x)

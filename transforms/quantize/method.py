@@ -218,7 +218,7 @@ def activation_quantizers(
                                   narrow_range=narrow, axis=None)
             for t in targets
         }
-    stats = {t.key: TensorStatistics() for t in targets}
+    stats = {t.key: TensorStatistics(init_cfg) for t in targets}
     context.calibrate(list(stats), lambda key, x: stats[key].observe(x), init_cfg.num_init_samples, "range init")
     out = {}
     for t in targets:

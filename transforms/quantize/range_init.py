@@ -42,9 +42,11 @@ class RangeInit:
 
 
 class TensorStatistics:
-    """Accumulates what every initializer type needs, one batch at a time."""
+    """Accumulates what the initializer types need, one batch at a time: all of them, or only
+    ``init.type``'s (the first and second moments for ``threesigma``, a strided sample of the
+    values for the percentile types; minima and maxima always)."""
 
-    def __init__(self) -> None:
+    def __init__(self, init: RangeInit | None = None) -> None:
         self.mins: list[Tensor] = []
         self.maxs: list[Tensor] = []
         self.total: Tensor | float = 0.0  # becomes a float64 tensor on the data's device
@@ -53,21 +55,28 @@ class TensorStatistics:
         self.samples: list[Tensor] = []
         self.sample_mins: list[Tensor] = []  # per sample (dim 0 of each batch), for mixed_min_max
         self.sample_maxs: list[Tensor] = []
+        kind = None if init is None else init.type
+        self._moments = kind in (None, "threesigma")
+        self._samples = kind in (None, "percentile", "mean_percentile")
 
     def observe(self, x: Tensor) -> None:
-        flat = x.detach().float().reshape(-1)
-        if flat.numel() == 0:
+        x = x.detach()
+        if x.numel() == 0:
             return
-        self.mins.append(flat.min())
-        self.maxs.append(flat.max())
-        per_sample = x.detach().float().reshape(x.shape[0], -1) if x.dim() >= 2 and x[0].numel() else flat[None]
-        self.sample_mins.append(per_sample.amin(dim=1))
-        self.sample_maxs.append(per_sample.amax(dim=1))
-        self.total += flat.double().sum()
-        self.total_sq += flat.double().square().sum()
-        self.count += flat.numel()
-        stride = max(1, flat.numel() // SAMPLE_CAP)
-        self.samples.append(flat[::stride].clone())
+        x = x if x.dtype == torch.float32 else x.float()
+        per_sample = x.reshape(x.shape[0], -1) if x.dim() >= 2 and x[0].numel() else x.reshape(1, -1)
+        sample_mins, sample_maxs = per_sample.amin(dim=1), per_sample.amax(dim=1)
+        self.sample_mins.append(sample_mins)
+        self.sample_maxs.append(sample_maxs)
+        self.mins.append(sample_mins.min())
+        self.maxs.append(sample_maxs.max())
+        self.count += x.numel()
+        if self._moments:
+            self.total += per_sample.sum(dim=1).double().sum()  # per-row float32 sums, added in float64
+            self.total_sq += per_sample.square().sum(dim=1).double().sum()
+        if self._samples:
+            flat = x.reshape(-1)
+            self.samples.append(flat[:: max(1, flat.numel() // SAMPLE_CAP)].clone())
 
     @property
     def saw_negative(self) -> bool:
