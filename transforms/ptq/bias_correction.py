@@ -32,7 +32,7 @@ from purecomp.apply import call_with_sites
 from purecomp.compression import Compression, compose_sites, with_training
 from purecomp.data import take_samples
 from purecomp.graph import ModelGraph
-from purecomp.intercept import Interceptor, ScopeStack
+from purecomp.intercept import Interceptor, ScopeStack, split_site
 
 LAYER_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear}
 CORRECTED_OPS = frozenset(LAYER_FUNCTIONS)
@@ -51,13 +51,6 @@ def correctable_layers(graph: ModelGraph, params: Mapping[str, Tensor], weights:
     return sites
 
 
-def _channel_means(x: Tensor) -> tuple[Tensor, int]:
-    """``(sum over all positions per channel, count)``: channels on axis 1 (conv) or last (linear)."""
-    x = x.detach().double()
-    flat = x.transpose(1, -1).reshape(-1, x.shape[1]) if x.dim() > 2 else x.reshape(-1, x.shape[-1])
-    return flat.sum(dim=0), flat.shape[0]
-
-
 def _means(
     model: nn.Module, params: Mapping[str, Tensor], sites: Mapping[str, Any], keys: Sequence[str],
     batches: Sequence[tuple[tuple, dict]],
@@ -68,7 +61,7 @@ def _means(
 
     def observer(key: str) -> Any:
         def observe(x: Tensor) -> Tensor:
-            total, n = _channel_means(x)
+            total, n = _layer_sums(x, split_site(key.rpartition(":")[0])[1])
             sums[key] = sums[key] + total if key in sums else total
             counts[key] = counts.get(key, 0) + n
             return x
@@ -92,23 +85,23 @@ def input_quantizers(site: str, sites: Mapping[str, Any], state: Any) -> list[An
 
 def _layer_sums(y: Tensor, kind: str) -> tuple[Tensor, int]:
     """``(sum over all positions per output channel, count)`` of a layer output: channels on axis 1
-    for a conv, on the last axis for a linear (whatever its rank)."""
-    y = y.detach().double()
-    if kind != "linear" and y.dim() > 2:
-        y = y.movedim(1, -1)
-    flat = y.reshape(-1, y.shape[-1])
-    return flat.sum(dim=0), flat.shape[0]
+    for a conv, on the last axis for a linear (whatever its rank). Summed in the output's dtype
+    (one batch), returned in float64 for accumulation over batches."""
+    y = y.detach()
+    channel = y.dim() - 1 if kind == "linear" or y.dim() <= 2 else 1
+    dims = [d for d in range(y.dim()) if d != channel]
+    return y.sum(dim=dims).double(), y.numel() // y.shape[channel]
 
 
-def _local_means(
+def _local_shifts(
     model: nn.Module, params: Mapping[str, Tensor], quantized: Mapping[str, Tensor], sites: Mapping[str, Any],
     state: Any, layers: Sequence[str], batches: Sequence[tuple[tuple, dict]],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One pass of the float model: per layer site, the per-channel mean of its float output and
-    of the same call with its weight quantized and its input through ``input_quantizers``."""
+) -> dict[str, Tensor]:
+    """One pass of the float model: per layer site, the per-channel mean of ``y - y_q``, its float
+    output minus the same call with its weight quantized and its input through ``input_quantizers``."""
     wanted = set(layers)
     inputs = {site: input_quantizers(site, sites, state) for site in layers}
-    sums: dict[str, list[Tensor]] = {}
+    sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
     def record(site: str, kind: str, scope: str, index: int, args: Any, kwargs: Any, out: Any) -> None:
@@ -122,18 +115,16 @@ def _local_means(
             leaves[data] = fn(leaves[data])
         leaves = [quantized[f"{scope}.weight"] if leaf is weight else leaf for leaf in leaves]
         q_args, q_kwargs = optree.tree_unflatten(spec, leaves)
-        pairs = (_layer_sums(out, kind), _layer_sums(LAYER_FUNCTIONS[kind](*q_args, **q_kwargs), kind))
-        sums[site] = [a + b for a, (b, _) in zip(sums[site], pairs)] if site in sums else [t for t, _ in pairs]
-        counts[site] = counts.get(site, 0) + pairs[0][1]
+        total, n = _layer_sums(out - LAYER_FUNCTIONS[kind](*q_args, **q_kwargs), kind)
+        sums[site] = sums[site] + total if site in sums else total
+        counts[site] = counts.get(site, 0) + n
 
     scopes = ScopeStack(model)
     with torch.no_grad():
         for args, kwargs in batches:
             with scopes.attached(), Interceptor(scopes, recorder=record):
                 functional_call(model, dict(params), args, kwargs)
-    reference = {site: (sums[site][0] / counts[site]).float() for site in sums}
-    measured = {site: (sums[site][1] / counts[site]).float() for site in sums}
-    return reference, measured
+    return {site: (sums[site] / counts[site]).float() for site in sums}
 
 
 def bias_correction(
@@ -163,12 +154,11 @@ def bias_correction(
     out = dict(params)
     try:
         if fast:
-            reference, measured = _local_means(model, params, quantized, method.sites(state), state, sites_of,
-                                               batches)
+            shifts = _local_shifts(model, params, quantized, method.sites(state), state, sites_of, batches)
             for site in sites_of:
                 bias = f"{site.rpartition('/')[0]}.bias"
-                if site in reference:
-                    out[bias] = out[bias].detach() + (reference[site] - measured[site]).to(out[bias].dtype)
+                if site in shifts:
+                    out[bias] = out[bias].detach() + shifts[site].to(out[bias].dtype)
             return out
         reference = _means(model, params, {}, keys, batches)
         for key in tqdm(keys, desc="bias correction", disable=not progress_bar or None, leave=False):
