@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -75,8 +76,14 @@ def _as_data(batches: Sequence[tuple[tuple, dict]]) -> list[Any]:
     return [kwargs if kwargs else (args,) for args, kwargs in batches]
 
 
-def _trace(model: nn.Module, batches: Sequence[tuple[tuple, dict]]) -> ModelGraph:
+def _trace(model: nn.Module, batches: Sequence[tuple[tuple, dict]], rows: int = 2) -> ModelGraph:
+    """The graph of ``model`` on the first ``rows`` samples of the first batch (the op graph does not
+    depend on the batch size; a batch whose tensors do not share one leading size is used whole)."""
     args, kwargs = batches[0]
+    leaves = [t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in leaves}
+    if len(sizes) == 1 and None not in sizes and sizes.pop() > rows:
+        args, kwargs = optree.tree_map(lambda t: t[:rows] if isinstance(t, Tensor) else t, (args, kwargs))
     return trace(model, args, kwargs)
 
 
