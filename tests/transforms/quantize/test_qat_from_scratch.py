@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +36,26 @@ def bench():
 @pytest.mark.parametrize("name", [
     pytest.param("mobilenet_v2", marks=pytest.mark.xfail(
         strict=True, raises=GradRatioAbove10x,
-        reason="no collapse, but one spike of 20x FP32's largest gradient at step 10: the per-tensor weight "
-               "scale of features.12's depthwise conv is driven through zero by SGD (0.056 -> -2.6e-5), "
-               "its outputs lose all variance and BatchNorm divides by sqrt(eps); not a range-init effect")),
+        reason="no collapse, but one spike of 20x FP32's largest gradient at step 10: SGD steps on the "
+               "per-tensor weight scale of features.12's depthwise conv are as large as the scale (weights "
+               "clipped by their first updates send it their gradients), it crosses zero (0.056 -> 2e-5), the "
+               "outputs lose their variance and BatchNorm divides by sqrt(eps); not a range-init effect. "
+               "Training log(scale) (NNCF's logarithm_scale) removes it (2.1x) but is not built")),
     "efficientnet_b0",
     "mobilenet_v3_small",
 ])
 def test_random_init_qat_trains_like_fp32(name):
+    # the run's floating-point sums depend on the thread count, and mobilenet_v2's spike with them
+    # (19.9x at 2 threads, 2.1x at 1): pin the count CI runs with
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_trains_like_fp32(name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_trains_like_fp32(name: str) -> None:
     # the library's default calibration mode: "auto", train mode for a freshly built model
     r = bench().run_model(name, steps=50, batch=16, lr=0.01, seed=0, modes=[None])
     fp32, qat = r["fp32"], r[None]
