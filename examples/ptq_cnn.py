@@ -3,6 +3,13 @@ and what each PTQ algorithm contributes, on a plain network and on a badly scale
 
     python examples/ptq_cnn.py --dataset mnist        # first 6,000 MNIST test images train, last 4,000 evaluate
     python examples/ptq_cnn.py --dataset digits       # scikit-learn's digits (the default)
+    python examples/ptq_cnn.py --dataset mnist --accuracy-control   # also pc.quantize_with_accuracy_control
+
+``--accuracy-control`` runs ``pc.quantize_with_accuracy_control`` (defaults, no cross-layer
+equalization, ``max_drop`` 0.005: half a point of top-1 accuracy as a fraction, NNCF's
+convention) on the badly scaled copy and prints the layers it returned to float and how many
+times it called the validation function. Its validation data is the test set, as in NNCF's
+examples: the drop it reaches is measured on the data it was controlled on.
 
 The badly scaled copy computes the same function: output channel ``c`` of every conv -> BN ->
 ReLU6 block is multiplied by a factor spread log-uniformly over [0.1, 10] (BatchNorm's gamma
@@ -27,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import purecomp as pc  # noqa: E402
 from purecomp.transforms.ptq import ChannelClip  # noqa: E402
 
-from common import accuracy, digits_cnn, load_dataset, loader, onnx_accuracy, train_epochs  # noqa: E402
+from common import accuracy, digits_cnn, load_dataset, loader, onnx_session, train_epochs  # noqa: E402
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -100,29 +107,66 @@ def ptq_rows() -> list[tuple[str, dict]]:
     return [(name, dict(advanced_parameters=adv)) for name, adv in rows] + [("pc.quantize defaults", {})]
 
 
-def openvino_accuracy(path: Path, data: torch.utils.data.DataLoader) -> float | None:
-    """Top-1 accuracy (percent) of an ONNX classifier compiled by OpenVINO for the CPU (None without it)."""
+def openvino_predictions(path: Path, data: torch.utils.data.DataLoader) -> torch.Tensor | None:
+    """Predicted classes of an ONNX classifier compiled by OpenVINO for the CPU (None without it).
+    The ops OpenVINO does not run in int8 run in f32 (``INFERENCE_PRECISION_HINT``): on a CPU with
+    bf16 support its default is bf16, which PyTorch's and ONNX Runtime's float parts are not."""
     try:
         import openvino as ov
     except ImportError:
         return None
-    compiled = ov.Core().compile_model(ov.Core().read_model(str(path)), "CPU")
-    correct = total = 0
-    for x, y in data:
-        correct += int((compiled([x.numpy()])[0].argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return 100.0 * correct / total
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return torch.cat([torch.from_numpy(compiled([x.numpy()])[0]).argmax(1) for x, _ in data])
 
 
-def runtimes(quantized: nn.Module, example: torch.Tensor, test: torch.utils.data.DataLoader, folder: Path,
-             label: str) -> str:
-    """ONNX Runtime and OpenVINO accuracy of the exported model, and its fused integer ops."""
+def onnx_predictions(path: Path, data: torch.utils.data.DataLoader) -> torch.Tensor:
+    """Predicted classes of an ONNX classifier in ONNX Runtime (all graph optimizations on)."""
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(session.run(None, {name: x.numpy()})[0]).argmax(1) for x, _ in data])
+
+
+@torch.no_grad()
+def predictions(forward: nn.Module, data: torch.utils.data.DataLoader) -> torch.Tensor:
+    return torch.cat([forward(x).argmax(1) for x, _ in data])
+
+
+def runtimes(quantized: nn.Module, reference: torch.Tensor, example: torch.Tensor,
+             test: torch.utils.data.DataLoader, folder: Path, label: str) -> str:
+    """ONNX Runtime and OpenVINO accuracy of the exported model, how many test images each
+    predicts differently from PyTorch's ``reference`` predictions, and the fused integer ops."""
     path = pc.export_quantized(quantized, (example,), folder / f"{label}.onnx")
     fused = pc.export.fused_op_counts(path)
     integer = sum(n for op, n in fused.items() if op.startswith("QLinear") or op.endswith("Integer"))
-    ov = openvino_accuracy(path, test)
-    ov_text = f"{ov:6.2f}%" if ov is not None else "   -  "
-    return f"ORT {onnx_accuracy(path, test):6.2f}%  OpenVINO {ov_text}  ({integer} fused integer ops)"
+    labels = torch.cat([y for _, y in test])
+    texts = []
+    for runtime, preds in (("ORT", onnx_predictions(path, test)), ("OpenVINO", openvino_predictions(path, test))):
+        if preds is None:
+            texts.append(f"{runtime}    -   ")
+            continue
+        acc = 100.0 * int((preds == labels).sum()) / len(labels)
+        texts.append(f"{runtime} {acc:6.2f}% ({int((preds != reference).sum())} differ)")
+    return "  ".join(texts) + f"  ({integer} fused integer ops)"
+
+
+def accuracy_control(net: nn.Module, calibration: pc.Dataset, test: torch.utils.data.DataLoader,
+                     subset_size: int, max_drop: float) -> nn.Module:
+    """``pc.quantize_with_accuracy_control`` with defaults on ``net``, the test set as validation data;
+    prints its table, the layers it returned to float and the validation call count."""
+
+    def validate(model: nn.Module, data: torch.utils.data.DataLoader) -> float:
+        return accuracy(model, data) / 100.0  # a fraction, as NNCF's validation functions return
+
+    start = time.perf_counter()
+    quantized = pc.quantize_with_accuracy_control(net, calibration, pc.Dataset(test, lambda batch: batch[0]),
+                                                  validate, max_drop=max_drop, subset_size=subset_size)
+    report = quantized.accuracy_control
+    print(f"  accuracy control ({time.perf_counter() - start:.1f} s):")
+    print("    " + str(report.table()).replace("\n", "\n    "))
+    print(f"    returned to float: {', '.join(report.reverted) or '(none)'}; "
+          f"validation_fn called {report.validation_calls} times")
+    return quantized
 
 
 def main() -> None:
@@ -131,6 +175,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="FP32 epochs (default: 30 digits, 6 MNIST)")
     parser.add_argument("--subset-size", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy-control", action="store_true",
+                        help="also run pc.quantize_with_accuracy_control on the badly scaled copy (no CLE)")
+    parser.add_argument("--max-drop", type=float, default=0.005, help="accuracy control's max_drop (a fraction)")
     args = parser.parse_args()
     epochs = args.epochs or (30 if args.dataset == "digits" else 6)
     torch.manual_seed(args.seed)
@@ -139,6 +186,7 @@ def main() -> None:
     calibration = pc.Dataset(loader(train_set, 32, True, args.seed + 1), lambda batch: batch[0])
     networks = {"mobilenet-style": mobilenet_style(), "digits CNN": digits_cnn()}
     example = next(iter(test))[0][:1]
+    labels = torch.cat([y for _, y in test])
     folder = Path(tempfile.mkdtemp(prefix="ptq_cnn_"))
     print(f"dataset {args.dataset}: {len(train_set)} train, {len(test_set)} test images")
     for name, model in networks.items():
@@ -155,10 +203,17 @@ def main() -> None:
                 start = time.perf_counter()
                 quantized = pc.quantize(net, calibration, subset_size=args.subset_size, **kwargs)
                 seconds = time.perf_counter() - start
-                acc = accuracy(quantized, test)
+                preds = predictions(quantized, test)
+                acc = 100.0 * int((preds == labels).sum()) / len(labels)
                 tag = f"{name}-{variant}-{len(label)}".replace(" ", "_")
                 print(f"  {label:<30} {acc:6.2f}%  ({acc - fp32:+.2f} points, {seconds:4.1f} s)  "
-                      f"{runtimes(quantized, example, test, folder, tag)}")
+                      f"{runtimes(quantized, preds, example, test, folder, tag)}")
+            if args.accuracy_control and variant == "badly scaled":
+                quantized = accuracy_control(net, calibration, test, args.subset_size, args.max_drop)
+                preds = predictions(quantized, test)
+                acc = 100.0 * int((preds == labels).sum()) / len(labels)
+                print(f"  {'accuracy control':<30} {acc:6.2f}%  ({acc - fp32:+.2f} points)  "
+                      f"{runtimes(quantized, preds, example, test, folder, f'{name}-accuracy-control')}")
 
 
 if __name__ == "__main__":
