@@ -50,7 +50,10 @@ class AdvancedQuantizationParameters:
     ``batchnorm_folding``: fold BatchNorm into the conv / linear before it first.
     ``cross_layer_equalization`` (with ``bias_absorption``): equalize conv pairs (CNNs with
     depthwise layers or badly scaled channels). ``disable_bias_correction``: skip bias
-    correction. ``quantize_outputs``: quantize the model outputs too. ``smooth_quant_alphas``
+    correction. ``bias_correction_subset_size``: samples bias correction measures on (at most
+    ``subset_size``; ``None``: all ``subset_size``); the per-channel mean shifts it estimates
+    average over every position of every sample, and the fewer samples keep ``quantize`` under 3
+    passes over the calibration data. ``quantize_outputs``: quantize the model outputs too. ``smooth_quant_alphas``
     (NNCF's ``AdvancedSmoothQuantParameters`` as a dict): SmoothQuant's migration strength per
     layer type for ``model_type="transformer"``, ``matmul`` (linear layers; default 0.95) and
     ``convolution`` (must stay negative, i.e. off: SmoothQuant for convolutions is not built); a
@@ -65,6 +68,7 @@ class AdvancedQuantizationParameters:
     cross_layer_equalization: bool = False
     bias_absorption: bool = True
     disable_bias_correction: bool = False
+    bias_correction_subset_size: int | None = 128
     quantize_outputs: bool = False
     smooth_quant_alphas: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"matmul": 0.95, "convolution": -1.0})
@@ -77,6 +81,10 @@ class AdvancedQuantizationParameters:
         if self.activations_range_estimator not in ACTIVATION_ESTIMATORS:
             raise ConfigError("advanced_parameters.activations_range_estimator",
                               f"expected one of {list(ACTIVATION_ESTIMATORS)}, got {self.activations_range_estimator!r}")
+        n = self.bias_correction_subset_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError("advanced_parameters.bias_correction_subset_size",
+                              f"expected a positive number of samples or None, got {n!r}")
         alphas = dict(self.smooth_quant_alphas)
         if set(alphas) - SMOOTH_QUANT_TYPES:
             raise ConfigError("advanced_parameters.smooth_quant_alphas",

@@ -194,8 +194,9 @@ def quantize(
             q, activations=mse_activation_quantizers(q.activations, samples)))
     uncorrected: dict[str, Tensor] = {}  # biases before bias correction
     if not options.disable_bias_correction:
+        bc_samples = min(subset_size, options.bias_correction_subset_size or subset_size)
         corrected = bias_correction(work, graph, method, params | dict(work.named_buffers()), state, data,
-                                    subset_size, fast=fast_bias_correction)
+                                    bc_samples, fast=fast_bias_correction)
         with torch.no_grad():
             for name, p in params.items():
                 if corrected[name] is not p:
