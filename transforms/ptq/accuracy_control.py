@@ -42,7 +42,7 @@ from purecomp.stats import Table
 
 from .dataset import Dataset, model_inputs
 from .parameters import AdvancedQuantizationParameters, IgnoredScope, options_of
-from .pipeline import quantize
+from .pipeline import map_quantization, quantization_state, quantize
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def _within(drop: float, max_drop: float) -> bool:
 def layer_groups(state: Any) -> dict[str, tuple[str, ...]]:
     """Quantized layer (its weight's module scope) -> the quantizer keys returned to float with it:
     its weight quantizer and every activation quantizer whose consumers are all its ops."""
+    state = quantization_state(state)
     groups: dict[str, list[str]] = {name.rpartition(".")[0]: [name] for name in state.weights}
     for key, consumers in state.consumers:
         scopes = {site.rpartition("/")[0] for site in consumers if site != "output"}
@@ -118,14 +119,15 @@ def layer_groups(state: Any) -> dict[str, tuple[str, ...]]:
 
 
 def without(state: Any, keys: Iterable[str]) -> Any:
-    """``state`` with the quantizers ``keys`` removed (those tensors run in float)."""
+    """``state`` with the quantizers ``keys`` removed (those tensors run in float); the earlier
+    members of a chain (SmoothQuant, exact in float) stay."""
     drop = set(keys)
-    return dataclasses.replace(
-        state,
-        weights={k: q for k, q in state.weights.items() if k not in drop},
-        activations={k: q for k, q in state.activations.items() if k not in drop},
-        consumers=tuple(c for c in state.consumers if c[0] not in drop),
-    )
+    return map_quantization(state, lambda q: dataclasses.replace(
+        q,
+        weights={k: v for k, v in q.weights.items() if k not in drop},
+        activations={k: v for k, v in q.activations.items() if k not in drop},
+        consumers=tuple(c for c in q.consumers if c[0] not in drop),
+    ))
 
 
 def rebuilt(module: CompressedModule, state: Any) -> CompressedModule:

@@ -181,16 +181,16 @@ def quantize(
         method = chain(smooth_quant(alpha, ignored_scopes=ignored, num_samples=subset_size), method)
     params = dict(work.named_parameters())
     state = method.init(graph, params, data, calibration_mode="eval")  # PTQ: ranges as inference sees them
-    smoothed = method.params(params, _without_quantization(state))  # the weights the quantizers see
-    before = method.sites(_without_quantization(state))  # the input transforms their quantizers follow
+    smoothed = method.params(params, without_quantization(state))  # the weights the quantizers see
+    before = method.sites(without_quantization(state))  # the input transforms their quantizers follow
     if options.weights_range_estimator == "mse":
-        state = _map_quantization(state, lambda q: dataclasses.replace(
+        state = map_quantization(state, lambda q: dataclasses.replace(
             q, weights=mse_weight_quantizers(q.weights, smoothed)))
     if options.activations_range_estimator == "mse":
-        q_state = _quantization_state(state)
+        q_state = quantization_state(state)
         samples = activation_samples(work, smoothed, lambda observers: compose_sites([before, observers]),
                                      list(q_state.activations), data, subset_size)
-        state = _map_quantization(state, lambda q: dataclasses.replace(
+        state = map_quantization(state, lambda q: dataclasses.replace(
             q, activations=mse_activation_quantizers(q.activations, samples)))
     uncorrected: dict[str, Tensor] = {}  # biases before bias correction
     if not options.disable_bias_correction:
@@ -209,19 +209,19 @@ def quantize(
     return module.eval()
 
 
-def _quantization_state(state: Any) -> QuantizationState:
+def quantization_state(state: Any) -> QuantizationState:
     """The ``QuantizationState`` of ``state`` (itself, or the last member of a chain's tuple)."""
     return state if isinstance(state, QuantizationState) else state[-1]
 
 
-def _map_quantization(state: Any, fn: Any) -> Any:
+def map_quantization(state: Any, fn: Any) -> Any:
     """``state`` with its ``QuantizationState`` replaced by ``fn`` of it."""
     return fn(state) if isinstance(state, QuantizationState) else (*state[:-1], fn(state[-1]))
 
 
-def _without_quantization(state: Any) -> Any:
+def without_quantization(state: Any) -> Any:
     """``state`` with every quantizer removed (the earlier chain members' transforms only)."""
-    return _map_quantization(state, lambda q: dataclasses.replace(q, weights={}, activations={}, consumers=()))
+    return map_quantization(state, lambda q: dataclasses.replace(q, weights={}, activations={}, consumers=()))
 
 
 def _parts(module: CompressedModule) -> tuple[nn.Module, Any, dict[str, Tensor], Any, ModelGraph | None]:

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from purecomp.api import CompressedModule
 from purecomp.apply import call_with_sites
 from purecomp.compression import compose_sites, with_training
+from purecomp.errors import ConfigError
 from purecomp.stats import Table
+from purecomp.transforms.quantize import QuantizationState
 
 from .dataset import Dataset
 from .pipeline import calibration_batches
@@ -86,6 +88,10 @@ def sensitivity(model: CompressedModule, dataset: Dataset | Iterable[Any], subse
     ``subset_size`` samples of ``dataset``."""
     batches = calibration_batches(dataset, subset_size)
     state = with_training(model.state, False)
+    if not isinstance(state, QuantizationState):
+        raise ConfigError("model", "sensitivity measures results of plain quantization (pc.quantize without "
+                          "model_type='transformer', or create_compressed_model with one quantization section); "
+                          f"this one's state is {type(state).__name__}")
     inner = model.model
     params = model.model_params() | dict(inner.named_buffers())
     graph = getattr(model, "graph", None)

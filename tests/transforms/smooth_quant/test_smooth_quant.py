@@ -177,3 +177,29 @@ def test_bad_smooth_quant_arguments_name_the_option():
         assert path in info.value.path
     with pytest.raises(ConfigError, match="quantize_at_inputs_of"):
         pc.quantization(quantize_at_inputs_of=("softmax_nope",))
+
+
+def test_accuracy_control_returns_transformer_layers_to_float_and_keeps_the_smoothing():
+    model = Encoder(with_outliers(tiny_bert()[0])).eval()
+    data = batches(4)
+
+    def agreement(candidate: nn.Module, items) -> float:  # higher is better: minus the relative error
+        with torch.no_grad():
+            errors = [float((candidate(*b) - model(*b)).pow(2).mean() / model(*b).pow(2).mean()) for b in items]
+        return -sum(errors) / len(errors)
+
+    result = pc.quantize_with_accuracy_control(
+        model, pc.Dataset(data), pc.Dataset(data), agreement, max_drop=0.0, model_type="transformer",
+        subset_size=8, advanced_accuracy_restorer_parameters=dict(max_num_iterations=2, ranking_subset_size=8),
+        progress_bar=False)
+    report = result.accuracy_control
+    # this random-init BERT's output is dominated by its embedding tables (a residual stream the
+    # 0.02-std layers barely change), so returning the first ranked table recovers float already
+    assert 1 <= len(report.steps) <= 2 and report.validation_calls == 2 + len(report.steps)
+    assert report.steps[-1].metric > report.quantized_metric and report.steps[-1].drop < 1e-8
+    smoothing, quant = result.state
+    assert isinstance(smoothing, SmoothQuantState) and len(smoothing.inputs) >= 12  # still there
+    returned = {step.layer for step in report.steps}
+    assert not any(name.rpartition(".")[0] in returned for name in quant.weights)
+    with pytest.raises(ConfigError, match="plain quantization"):
+        pc.sensitivity(result, pc.Dataset(data))
