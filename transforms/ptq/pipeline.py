@@ -31,7 +31,7 @@ from purecomp.export import materialize, to_onnx
 from purecomp.export.materialize import fold_batchnorms
 from purecomp.graph import ModelGraph, trace
 from purecomp.integrations.hf_compress import TRANSFORMER_TARGET_SCOPES, use_eager_attention
-from purecomp.transforms.quantize import QuantizationState, RangeInit, quantization
+from purecomp.transforms.quantize import RangeInit, quantization
 from purecomp.transforms.smooth_quant import smooth_quant
 
 from .bias_correction import CORRECTED_OPS, bias_correction
@@ -209,14 +209,15 @@ def quantize(
     return module.eval()
 
 
-def quantization_state(state: Any) -> QuantizationState:
-    """The ``QuantizationState`` of ``state`` (itself, or the last member of a chain's tuple)."""
-    return state if isinstance(state, QuantizationState) else state[-1]
+def quantization_state(state: Any) -> Any:
+    """The ``QuantizationState`` of ``state``: itself, or the last member of a chain's tuple
+    (whatever that member is, for the caller to check)."""
+    return state[-1] if isinstance(state, tuple) and state else state
 
 
 def map_quantization(state: Any, fn: Any) -> Any:
-    """``state`` with its ``QuantizationState`` replaced by ``fn`` of it."""
-    return fn(state) if isinstance(state, QuantizationState) else (*state[:-1], fn(state[-1]))
+    """``state`` with its ``QuantizationState`` (``quantization_state``) replaced by ``fn`` of it."""
+    return (*state[:-1], fn(state[-1])) if isinstance(state, tuple) and state else fn(state)
 
 
 def without_quantization(state: Any) -> Any:

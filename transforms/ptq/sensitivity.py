@@ -28,7 +28,7 @@ from purecomp.stats import Table
 from purecomp.transforms.quantize import QuantizationState
 
 from .dataset import Dataset
-from .pipeline import calibration_batches
+from .pipeline import calibration_batches, quantization_state, without_quantization
 
 
 def sqnr(reference: Sequence[Tensor], quantized: Sequence[Tensor]) -> float:
@@ -87,13 +87,17 @@ def sensitivity(model: CompressedModule, dataset: Dataset | Iterable[Any], subse
     layer's output and of the model output with only that quantizer on (module docstring), on
     ``subset_size`` samples of ``dataset``."""
     batches = calibration_batches(dataset, subset_size)
-    state = with_training(model.state, False)
+    full = with_training(model.state, False)
+    state = quantization_state(full)
     if not isinstance(state, QuantizationState):
-        raise ConfigError("model", "sensitivity measures results of plain quantization (pc.quantize without "
-                          "model_type='transformer', or create_compressed_model with one quantization section); "
-                          f"this one's state is {type(state).__name__}")
+        raise ConfigError("model", "sensitivity measures quantization results (pc.quantize, or create_compressed_model "
+                          "with a quantization section last); this one's state ends in "
+                          f"{type(state).__name__}")
     inner = model.model
-    params = model.model_params() | dict(inner.named_buffers())
+    # the reference is the float model with the earlier chain members applied (SmoothQuant: exact)
+    base = without_quantization(full)
+    params = model.method.params(model.model_params() | dict(inner.named_buffers()), base)
+    base_sites = model.method.sites(base)
     graph = getattr(model, "graph", None)
     readers = {name: node.site for node in (graph or []) for name in node.params} if graph is not None else {}
     keys = list(state.weights) + list(state.activations)
@@ -116,7 +120,7 @@ def sensitivity(model: CompressedModule, dataset: Dataset | Iterable[Any], subse
         try:
             with torch.no_grad():
                 for args, kwargs in batches:
-                    out = call_with_sites(inner, p, compose_sites([sites, watch]), args, kwargs)
+                    out = call_with_sites(inner, p, compose_sites([base_sites, sites, watch]), args, kwargs)
                     outs.append(out if isinstance(out, Tensor) else out[0])
         finally:
             inner.train(was_training)

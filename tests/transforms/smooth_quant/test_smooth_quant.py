@@ -201,5 +201,7 @@ def test_accuracy_control_returns_transformer_layers_to_float_and_keeps_the_smoo
     assert isinstance(smoothing, SmoothQuantState) and len(smoothing.inputs) >= 12  # still there
     returned = {step.layer for step in report.steps}
     assert not any(name.rpartition(".")[0] in returned for name in quant.weights)
-    with pytest.raises(ConfigError, match="plain quantization"):
-        pc.sensitivity(result, pc.Dataset(data))
+    # sensitivity on a SmoothQuant result: each quantizer alone, after the smoothing
+    report = pc.sensitivity(result, pc.Dataset(data), subset_size=4, progress_bar=False)
+    assert {r["quantizer"] for r in report.rows} == set(quant.weights) | set(quant.activations)
+    assert all(r["model_sqnr_db"] > 0 for r in report.rows)
