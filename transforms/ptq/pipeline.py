@@ -4,7 +4,8 @@ On a copy of the model, in order: BatchNorm folding, cross-layer equalization wi
 absorption (opt-in), range estimation on ``subset_size`` calibration samples (weights
 symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
 asymmetric for ``mixed``), MSE-optimal clipping (opt-in), then fast or full bias correction.
-The result is a ``CompressedModule``: its forward is the quantized model (the numerics the
+With ``model_type="transformer"`` BatchNorm folding is skipped and SmoothQuant runs before
+range estimation (docs/ptq.md, Transformers). The result is a ``CompressedModule``: its forward is the quantized model (the numerics the
 exported ONNX has), its quantizer ranges are trainable parameters (fine-tune it and QAT
 continues from the PTQ ranges), ``purecomp.strip`` materializes it and
 ``purecomp.export_quantized`` writes its ONNX.
@@ -133,8 +134,10 @@ def quantize(
     ``calibration_dataset`` (module docstring). ``preset``: ``performance`` (default; symmetric
     activations) or ``mixed`` (asymmetric activations). ``fast_bias_correction``: one-pass bias
     correction; ``False`` runs the layer-by-layer one. ``target_device`` is accepted for NNCF
-    compatibility: every device gets the same 8-bit scheme. ``model_type="transformer"`` is the
-    transformer path (``advanced_parameters.smooth_quant_alpha``)."""
+    compatibility: every device gets the same 8-bit scheme. ``model_type="transformer"``: transformer
+    placement (inputs of linears and attention matmuls, one input quantizer per linear call), the
+    ``mixed`` preset unless ``preset`` says otherwise, no BatchNorm folding, and SmoothQuant on the
+    linears (``advanced_parameters.smooth_quant_alphas["matmul"]``, 0.95; negative: off)."""
     if not isinstance(model, nn.Module):
         raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
     check_choice("preset", preset, (None, *PRESETS))
