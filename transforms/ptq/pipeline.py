@@ -5,9 +5,9 @@ absorption (opt-in), range estimation on ``subset_size`` calibration samples (we
 symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
 asymmetric for ``mixed``), MSE-optimal clipping (opt-in), then fast or full bias correction.
 With ``model_type="transformer"`` BatchNorm folding is skipped and SmoothQuant runs before
-range estimation (docs/ptq.md, Transformers). The result is a ``CompressedModule``: its forward is the quantized model (the numerics the
-exported ONNX has), its quantizer ranges are trainable parameters (fine-tune it and QAT
-continues from the PTQ ranges), ``purecomp.strip`` materializes it and
+range estimation (docs/ptq.md, Transformers). The result is a ``CompressedModule``: its
+forward is the quantized model (the numerics the exported ONNX has), its quantizer ranges are
+trainable parameters (fine-tune it and QAT continues from the PTQ ranges), ``purecomp.strip`` materializes it and
 ``purecomp.export_quantized`` writes its ONNX.
 """
 
