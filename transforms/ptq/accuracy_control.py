@@ -40,9 +40,10 @@ from purecomp.data import take_samples
 from purecomp.errors import ConfigError
 from purecomp.stats import Table
 
+from .chain_state import map_quantization, quantization_state
 from .dataset import Dataset, model_inputs
 from .parameters import AdvancedQuantizationParameters, IgnoredScope, options_of
-from .pipeline import map_quantization, quantization_state, quantize
+from .pipeline import quantize
 
 log = logging.getLogger(__name__)
 

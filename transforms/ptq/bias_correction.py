@@ -34,6 +34,8 @@ from purecomp.data import take_samples
 from purecomp.graph import ModelGraph
 from purecomp.intercept import Interceptor, ScopeStack, split_site
 
+from .chain_state import quantization_state
+
 LAYER_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear}
 CORRECTED_OPS = frozenset(LAYER_FUNCTIONS)
 
@@ -77,8 +79,9 @@ def _means(
 
 def input_quantizers(site: str, sites: Mapping[str, Any], state: Any) -> list[Any]:
     """The activation transforms that act on the data input of ``site``: one at ``<site>:in0``
-    and those at producers whose consumers (``state.consumers_of``) include ``site``."""
-    consumers_of = getattr(state, "consumers_of", None)
+    and those at producers whose consumers (``consumers_of`` of the state's quantization member)
+    include ``site``."""
+    consumers_of = getattr(quantization_state(state), "consumers_of", None)
     return [fn for key, fn in sites.items()
             if key == f"{site}:in0" or (consumers_of is not None and site in consumers_of(key))]
 

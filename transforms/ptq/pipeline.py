@@ -36,6 +36,7 @@ from purecomp.transforms.quantize import RangeInit, quantization
 from purecomp.transforms.smooth_quant import smooth_quant
 
 from .bias_correction import CORRECTED_OPS, bias_correction
+from .chain_state import map_quantization, quantization_state, without_quantization
 from .dataset import Dataset, model_inputs
 from .equalization import absorb_high_biases, cross_layer_equalization
 from .parameters import (
@@ -184,8 +185,9 @@ def quantize(
         method = chain(smooth_quant(alpha, ignored_scopes=ignored, num_samples=subset_size), method)
     params = dict(work.named_parameters())
     state = method.init(graph, params, data, calibration_mode="eval")  # PTQ: ranges as inference sees them
-    smoothed = method.params(params, without_quantization(state))  # the weights the quantizers see
-    before = method.sites(without_quantization(state))  # the input transforms their quantizers follow
+    if "mse" in (options.weights_range_estimator, options.activations_range_estimator):
+        smoothed = method.params(params, without_quantization(state))  # the weights the quantizers see
+        before = method.sites(without_quantization(state))  # the input transforms their quantizers follow
     if options.weights_range_estimator == "mse":
         state = map_quantization(state, lambda q: dataclasses.replace(
             q, weights=mse_weight_quantizers(q.weights, smoothed)))
@@ -210,22 +212,6 @@ def quantize(
     module.graph = graph
     module.uncorrected_biases = uncorrected  # what a layer returned to float needs (accuracy control)
     return module.eval()
-
-
-def quantization_state(state: Any) -> Any:
-    """The ``QuantizationState`` of ``state``: itself, or the last member of a chain's tuple
-    (whatever that member is, for the caller to check)."""
-    return state[-1] if isinstance(state, tuple) and state else state
-
-
-def map_quantization(state: Any, fn: Any) -> Any:
-    """``state`` with its ``QuantizationState`` (``quantization_state``) replaced by ``fn`` of it."""
-    return (*state[:-1], fn(state[-1])) if isinstance(state, tuple) and state else fn(state)
-
-
-def without_quantization(state: Any) -> Any:
-    """``state`` with every quantizer removed (the earlier chain members' transforms only)."""
-    return map_quantization(state, lambda q: dataclasses.replace(q, weights={}, activations={}, consumers=()))
 
 
 def _parts(module: CompressedModule) -> tuple[nn.Module, Any, dict[str, Tensor], Any, ModelGraph | None]:

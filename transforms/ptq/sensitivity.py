@@ -27,8 +27,9 @@ from purecomp.errors import ConfigError
 from purecomp.stats import Table
 from purecomp.transforms.quantize import QuantizationState
 
+from .chain_state import quantization_state, without_quantization
 from .dataset import Dataset
-from .pipeline import calibration_batches, quantization_state, without_quantization
+from .pipeline import calibration_batches
 
 
 def sqnr(reference: Sequence[Tensor], quantized: Sequence[Tensor]) -> float:
