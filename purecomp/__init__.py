@@ -35,8 +35,26 @@ from .transforms.ptq import (
 from .transforms.quantize import QuantizationState, QuantizerSettings, RangeInit, quantization
 from .transforms.smooth_quant import smooth_quant
 from .transforms.sparsity import const_sparsity, magnitude_sparsity, rb_sparsity
+from .transforms.weight_compression import (
+    AdvancedCompressionParameters,
+    BackupMode,
+    CompressedEmbedding,
+    CompressedLinear,
+    CompressWeightsMode,
+    SensitivityMetric,
+    compress_weights,
+    weight_compression,
+)
 
 __all__ = [
+    "AdvancedCompressionParameters",
+    "BackupMode",
+    "CompressedEmbedding",
+    "CompressedLinear",
+    "CompressWeightsMode",
+    "SensitivityMetric",
+    "compress_weights",
+    "weight_compression",
     "AdvancedQuantizationParameters",
     "Dataset",
     "IgnoredScope",

@@ -1,0 +1,66 @@
+"""Weight-only compression of linears and embeddings (NNCF 3.x's ``compress_weights``): INT8 /
+INT4 / NF4 grids with groups along the input dimension, mixed precision by layer sensitivity,
+packed storage that dequantizes in ``forward``, and the ``weight_compression`` method."""
+
+from .api import (
+    compress_weights,
+    dequantized_weights,
+    install,
+    load_compressed_state_dict,
+    state_from_model,
+)
+from .compressor import LayerAlgorithm, LayerInputs, round_to_nearest
+from .grid import (
+    MODES,
+    NF4_LEVELS,
+    ModeSpec,
+    Quantized,
+    dequantize,
+    fake_quantize,
+    quantization_error,
+    quantize,
+)
+from .method import weight_compression
+from .modules import CompressedEmbedding, CompressedLinear
+from .packing import pack_int4, unpack_int4
+from .parameters import (
+    AdvancedCompressionParameters,
+    BackupMode,
+    CompressWeightsMode,
+    SensitivityMetric,
+)
+from .precision import Layer, LayerConfig, Plan
+from .state import PackedWeight, WeightCompressionState
+
+__all__ = [
+    "AdvancedCompressionParameters",
+    "BackupMode",
+    "CompressWeightsMode",
+    "CompressedEmbedding",
+    "CompressedLinear",
+    "Layer",
+    "LayerAlgorithm",
+    "LayerConfig",
+    "LayerInputs",
+    "MODES",
+    "ModeSpec",
+    "NF4_LEVELS",
+    "PackedWeight",
+    "Plan",
+    "Quantized",
+    "SensitivityMetric",
+    "WeightCompressionState",
+    "compress_weights",
+    "dequantize",
+    "dequantized_weights",
+    "fake_quantize",
+    "install",
+    "load_compressed_state_dict",
+    "pack_int4",
+    "quantization_error",
+    "quantize",
+    "round_to_nearest",
+    "state_from_model",
+    "unpack_int4",
+    "weight_compression",
+]
