@@ -21,8 +21,9 @@ point ``z``). All arithmetic is float32, as in NNCF's reference implementation
   ``NF4_LEVELS``, 16 quantiles of a normal distribution scaled to ``[-1, 1]``),
   ``w' = NF4_LEVELS[q] s`` (``do_float_quantization`` / ``_calculate_float_quantized_weight``).
 
-Every scale with ``|s| < eps`` (float32 machine epsilon) becomes ``eps``, as in NNCF. Rounding
-is round-half-to-even (``torch.round``, like NumPy's).
+Every scale with ``|s| < eps`` (float32 machine epsilon) becomes ``eps``, as in NNCF; so an
+asymmetric group of equal values (``max = min``, e.g. groups of one column) dequantizes to about
+0, as NNCF's does. Rounding is round-half-to-even (``torch.round``, like NumPy's).
 """
 
 from __future__ import annotations
