@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from purecomp.errors import ConfigError, StateError, warn_no_effect
+from purecomp.data import describe_inputs
+from purecomp.errors import CalibrationError, ConfigError, PurecompError, StateError, warn_no_effect
 from purecomp.graph import trace
 from purecomp.stats import statistics
 from purecomp.transforms.ptq.dataset import Dataset
@@ -106,7 +107,13 @@ def compress_weights(
             was_training = model.training
             model.eval()
             try:
-                graph = trace(model, args, kwargs)
+                try:
+                    graph = trace(model, args, kwargs)
+                except PurecompError:
+                    raise
+                except Exception as exc:  # the model refuses the sample: name what it got
+                    raise CalibrationError(f"dataset: the model cannot run on a calibration batch "
+                                           f"({describe_inputs(args, kwargs)}): {type(exc).__name__}: {exc}") from exc
                 patterns, validate = _scope_patterns(ignored_scope, graph)
                 held = [node.site for node in graph
                         if layer_search.weight_of(node) is not None and isinstance(
