@@ -68,7 +68,8 @@ def train(forward, params: list, model_params: list, batches: list, lr: float) -
     return losses, max_grad
 
 
-def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode: str | None) -> dict:
+def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode: str | None,
+        logarithm_scale: bool = False) -> dict:
     """QAT of a copy of ``base``; the graph traced in train mode. When eval-mode calibration cannot
     initialize it (sites that only train mode runs, e.g. stochastic depth, see no values), the
     error is noted and the graph is traced in eval mode instead."""
@@ -77,7 +78,8 @@ def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode:
         model = copy.deepcopy(base).train(trace_mode == "train")
         t0 = time.perf_counter()
         graph = pc.trace(model, (batches[0][0][:2],))
-        method = pc.quantization()
+        method = pc.quantization(weights=dict(logarithm_scale=True), activations=dict(logarithm_scale=True)) \
+            if logarithm_scale else pc.quantization()
         params = dict(model.named_parameters()) | dict(model.named_buffers())
         try:
             if mode is None:
@@ -94,7 +96,8 @@ def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode:
     return {"losses": losses, "grad": grad, "s": time.perf_counter() - t0, "note": note}
 
 
-def run_model(name: str, steps: int, batch: int, lr: float, seed: int, modes: list) -> dict:
+def run_model(name: str, steps: int, batch: int, lr: float, seed: int, modes: list,
+              logarithm_scale: bool = False) -> dict:
     torch.manual_seed(seed)
     base = getattr(torchvision.models, name)(weights=None, num_classes=10)
     batches, calib = digits_batches(steps, batch, seed)
@@ -104,7 +107,7 @@ def run_model(name: str, steps: int, batch: int, lr: float, seed: int, modes: li
     losses, grad = train(fp32, list(fp32.parameters()), list(fp32.parameters()), batches, lr)
     out = {"fp32": {"losses": losses, "grad": grad, "s": time.perf_counter() - t0, "note": ""}}
     for mode in modes:
-        out[mode] = qat(base, batches, calib, lr, seed, mode)
+        out[mode] = qat(base, batches, calib, lr, seed, mode, logarithm_scale)
     return out
 
 
@@ -118,17 +121,22 @@ def main() -> None:
     ap.add_argument("--calibration-modes", default="eval,train",
                     help="comma-separated InitContext.calibration_mode values to run QAT with "
                          "('default': the library's default, for a purecomp without the option)")
+    ap.add_argument("--logarithm-scale", action="store_true",
+                    help="train log(scale) / log(input_range) (NNCF's logarithm_scale) instead of the range")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     modes = [None if m == "default" else m for m in args.calibration_modes.split(",")]
     if any(modes) and "calibration_mode" not in inspect.signature(pc.Compression.init).parameters:
         ap.error("this purecomp has no calibration_mode (range init always calibrates in eval mode); use 'default'")
     print(f"{args.steps} SGD steps (lr {args.lr}, momentum 0.9), batch {args.batch}, digits 3x32x32, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, logarithm_scale {args.logarithm_scale}")
     print("| model | run | loss first / last | max grad | ratio to FP32 | s |")
     print("|---|---|---|---|---|---|")
     notes = []
     for name in args.models.split(","):
-        r = run_model(name, args.steps, args.batch, args.lr, args.seed, modes)
+        r = run_model(name, args.steps, args.batch, args.lr, args.seed, modes, args.logarithm_scale)
         fp32_grad = r["fp32"]["grad"]
         for key, label in [("fp32", "FP32")] + [(m, f"INT8 QAT, calibrated in {m or 'default'} mode") for m in modes]:
             x = r[key]

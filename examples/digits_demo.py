@@ -31,11 +31,13 @@ from common import (
 )
 
 
-def int8_method() -> pc.Compression:
-    """INT8 QAT: per-channel symmetric weights, asymmetric activations, mean-min-max range init."""
+def int8_method(logarithm_scale: str = "none") -> pc.Compression:
+    """INT8 QAT: per-channel symmetric weights, asymmetric activations, mean-min-max range init
+    (``logarithm_scale``: ``"weights"``, ``"activations"`` or ``"both"`` train the logarithms of
+    those ranges)."""
     return pc.quantization(
-        weights=dict(mode="symmetric", bits=8, per_channel=True),
-        activations=dict(mode="asymmetric", bits=8),
+        weights=dict(mode="symmetric", bits=8, per_channel=True, logarithm_scale=logarithm_scale in ("weights", "both")),
+        activations=dict(mode="asymmetric", bits=8, logarithm_scale=logarithm_scale in ("activations", "both")),
         range_init=pc.RangeInit(type="mean_min_max", num_init_samples=512),
     )
 
@@ -50,12 +52,13 @@ def sparse_int8_method(epochs: int, target: float = 0.5) -> pc.Compression:
                                     range_init=pc.RangeInit(num_init_samples=512)))
 
 
-def int8_calibrated(base: Baseline) -> tuple[nn.Module, pc.Compression, pc.ModelGraph, dict, object]:
+def int8_calibrated(base: Baseline, logarithm_scale: str = "none"
+                    ) -> tuple[nn.Module, pc.Compression, pc.ModelGraph, dict, object]:
     """A copy of the FP32 model with INT8 quantizers calibrated and BatchNorm re-estimated on
     ``base.train``: ``(model, method, graph, params, state)``, the model in eval mode."""
     model = copy.deepcopy(base.model)
     graph = pc.trace(model, (base.train_set.tensors[0][:2],))
-    method = int8_method()
+    method = int8_method(logarithm_scale)
     params = dict(model.named_parameters()) | {k: v.clone() for k, v in model.named_buffers()}
     state = method.init(graph, params, base.train)
     params = pc.adapt_batchnorm(model, method, params, state, base.train, num_samples=512)

@@ -319,7 +319,7 @@ def test_schema_valid_configs_build_or_raise_a_purecomp_error_slow(config):
 LEVEL_LOW, LEVEL_HIGH = st.floats(0.0, 0.3), st.floats(0.35, 0.9)
 # keys that only make a config fail on purpose (not implemented, needs files) or cost minutes
 NEVER_VALID = frozenset({
-    "scope_overrides", "logarithm_scale", "unified_scale_ops", "compression_lr_multiplier", "legr_params",
+    "scope_overrides", "unified_scale_ops", "compression_lr_multiplier", "legr_params",
     "save_ranking_coeffs_path", "load_ranking_coeffs_path", "traces_per_layer_path", "all_weights",
     "interlayer_ranking_type", "accuracy_aware_training", "activations_quant_start_epoch",
     "weights_quant_start_epoch", "validate_scopes", "num_data_points", "iter_number", "warmup_iter_number",

@@ -312,7 +312,6 @@ def test_keys_without_effect_warn_naming_the_key(section, key):
     ({"algorithm": "quantization", "compression_lr_multiplier": 2}, "compression.compression_lr_multiplier"),
     ({"algorithm": "quantization", "params": {"activations_quant_start_epoch": 2}},
      "compression.params.activations_quant_start_epoch"),
-    ({"algorithm": "quantization", "weights": {"logarithm_scale": True}}, "compression.weights.logarithm_scale"),
     ({"algorithm": "quantization", "activations": {"ignored_scopes": ["x"]}}, "compression.activations.ignored_scopes"),
     ({"algorithm": "quantization", "initializer": {"range": [{"type": "min_max", "target_scopes": ["x"]}]}},
      "compression.initializer.range"),

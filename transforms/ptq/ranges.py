@@ -18,18 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from purecomp.calibration import run_observers
+from purecomp.transforms.quantize.quantizer import range_fields, rescaled
 
 RATIOS = tuple(float(r) for r in torch.linspace(0.3, 1.0, 36))
 SAMPLE_CAP = 1 << 16  # activation values kept per batch and quantizer
-
-
-def _range_fields(quantizer: Any) -> tuple[str, ...]:
-    return ("scale",) if quantizer.mode == "symmetric" else ("input_low", "input_range")
-
-
-def scaled(quantizer: Any, alpha: Tensor | float) -> Any:
-    """``quantizer`` with its range multiplied by ``alpha`` (per channel when a tensor)."""
-    return dataclasses.replace(quantizer, **{f: getattr(quantizer, f).detach() * alpha for f in _range_fields(quantizer)})
 
 
 def _squared_error(quantizer: Any, x: Tensor, axis: int | None) -> Tensor:
@@ -45,11 +37,11 @@ def mse_quantizer(quantizer: Any, x: Tensor, ratios: Sequence[float] = RATIOS) -
     ``quantizer.axis``, else per tensor); trainable leaves stay trainable."""
     x = x.detach()
     with torch.no_grad():
-        errors = torch.stack([_squared_error(scaled(quantizer, a), x, quantizer.axis) for a in ratios])
+        errors = torch.stack([_squared_error(rescaled(quantizer, a), x, quantizer.axis) for a in ratios])
     best = torch.tensor(ratios, dtype=torch.float32, device=errors.device)[errors.argmin(dim=0)]
-    chosen = scaled(quantizer, best)
+    chosen = rescaled(quantizer, best)
     return dataclasses.replace(chosen, **{f: getattr(chosen, f).detach().clone().requires_grad_(
-        getattr(quantizer, f).requires_grad) for f in _range_fields(quantizer)})
+        getattr(quantizer, f).requires_grad) for f in range_fields(quantizer)})
 
 
 def mse_weight_quantizers(quantizers: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -9,7 +9,14 @@ from .placement import (
     activation_targets,
     weight_targets,
 )
-from .quantizer import AsymmetricQuantizer, Quantizer, SymmetricQuantizer, make_quantizer
+from .quantizer import (
+    AsymmetricQuantizer,
+    LogRangeAsymmetricQuantizer,
+    LogScaleSymmetricQuantizer,
+    Quantizer,
+    SymmetricQuantizer,
+    make_quantizer,
+)
 from .range_init import RANGE_TYPES, RangeInit
 
 __all__ = [
@@ -17,6 +24,8 @@ __all__ = [
     "ActivationTarget",
     "AsymmetricQuantizer",
     "GroupedQuantizer",
+    "LogRangeAsymmetricQuantizer",
+    "LogScaleSymmetricQuantizer",
     "QuantizationState",
     "Quantizer",
     "QuantizerSettings",
@@ -37,4 +46,5 @@ from purecomp.registry import register_package  # noqa: E402
 from .from_config import quantization_from_config  # noqa: E402
 
 register_package(__name__, {"quantization": quantization_from_config},
-                 (QuantizationState, SymmetricQuantizer, AsymmetricQuantizer, GroupedQuantizer))
+                 (QuantizationState, SymmetricQuantizer, AsymmetricQuantizer, LogScaleSymmetricQuantizer,
+                  LogRangeAsymmetricQuantizer, GroupedQuantizer))

@@ -27,7 +27,6 @@ from purecomp.op_kinds import SHAPE_OPS
 
 from .grouped import GroupedQuantizer
 from .placement import activation_positions, source_of
-from .quantizer import SymmetricQuantizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +41,7 @@ class QuantizationExport(ExportRule):
             quantizer = slice_quantizer(quantizer, context.kept.get(name, {}))
             module, attr = owner(context.model, name)
             quantize_weight(module, attr, context.params[name], quantizer)
-            context.encoded[name] = isinstance(quantizer, SymmetricQuantizer)
+            context.encoded[name] = quantizer.mode == "symmetric"
 
     def site_modules(self, context: ExportContext) -> None:
         graph = context.graph

@@ -62,7 +62,7 @@ def quantization_from_config(section: Mapping[str, Any], origin: str, context: A
     ))
 
 
-GROUP_ONLY_KEYS = ("ignored_scopes", "target_scopes", "validate_scopes", "logarithm_scale", "unified_scale_ops")
+GROUP_ONLY_KEYS = ("ignored_scopes", "target_scopes", "validate_scopes", "unified_scale_ops")
 
 
 def _quantizer(group: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -83,9 +83,6 @@ def check_nncf_keys(section: Mapping[str, Any], origin: str) -> None:
             if key in settings:
                 raise ConfigError(f"{origin}{group}.{key}", f"scopes for {group} alone are not implemented; use the "
                                   f"section's {key} (it applies to weights and activations)")
-        if settings.get("logarithm_scale"):
-            raise ConfigError(f"{origin}{group}.logarithm_scale", "training the logarithm of the scale is not "
-                              "implemented (it changes how scales train); expected false")
         if settings.get("unified_scale_ops"):
             raise ConfigError(f"{origin}{group}.unified_scale_ops", "user-given shared-scale groups are not "
                               "implemented; purecomp places quantizers itself")

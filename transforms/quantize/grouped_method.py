@@ -17,6 +17,7 @@ from purecomp.scopes import scope_matches
 
 from .grouped import GROUP_RANGE_TYPES, ChannelStatistics, channel_groups, make_grouped_quantizer
 from .method import QuantizationState
+from .quantizer import LogRangeAsymmetricQuantizer, LogScaleSymmetricQuantizer
 from .range_init import RangeInit
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ def grouped_activations(
         acts = {k: q for k, q in state.activations.items() if k not in keys}
         consumers = [c for c in state.consumers if c[0] not in keys]
         for key in keys:
+            if isinstance(state.activations[key], LogRangeAsymmetricQuantizer | LogScaleSymmetricQuantizer):
+                raise ConfigError("grouped_activation_scopes", f"{key}: grouped quantizers train their ranges as they "
+                                  "are; expected activations without logarithm_scale")
             low, high = stats[key].channel_range(init_cfg.type)
             groups = channel_groups(low, high, num_groups)
             g_low, g_high = stats[key].group_range(groups, init_cfg.type)

@@ -36,7 +36,8 @@ class QuantizerSettings:
     """Settings of one family of quantizers (NNCF's ``weights`` / ``activations`` keys).
 
     ``signed=None`` chooses signedness from calibration (activations); ``narrow_range=None``
-    means on for symmetric weights, off otherwise.
+    means on for symmetric weights, off otherwise. ``logarithm_scale`` trains ``log(scale)``
+    (symmetric) or ``log(input_range)`` (asymmetric) instead of the range itself.
     """
 
     mode: str = "symmetric"
@@ -44,6 +45,7 @@ class QuantizerSettings:
     signed: bool | None = None
     per_channel: bool = False
     narrow_range: bool | None = None
+    logarithm_scale: bool = False
 
     @classmethod
     def of(cls, value: QuantizerSettings | Mapping[str, Any] | None, path: str) -> QuantizerSettings:
@@ -114,7 +116,8 @@ def weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerSe
         dims = [d for d in range(w.dim()) if d != axis % w.dim()]
         low, high = w.amin(dim=dims), w.amax(dim=dims)
     narrow = settings.narrow_range if settings.narrow_range is not None else settings.mode == "symmetric"
-    return make_quantizer(settings.mode, low, high, bits=bits, signed=True, narrow_range=narrow, axis=axis)
+    return make_quantizer(settings.mode, low, high, bits=bits, signed=True, narrow_range=narrow, axis=axis,
+                          log_scale=settings.logarithm_scale)
 
 
 def quantization(
@@ -215,7 +218,7 @@ def activation_quantizers(
         return {
             t.key: make_quantizer(settings.mode, -one if settings.signed is not False else 0 * one, one,
                                   bits=plan.get(t.key, settings.bits), signed=settings.signed,
-                                  narrow_range=narrow, axis=None)
+                                  narrow_range=narrow, axis=None, log_scale=settings.logarithm_scale)
             for t in targets
         }
     stats = {t.key: TensorStatistics(init_cfg) for t in targets}
@@ -226,6 +229,6 @@ def activation_quantizers(
         signed = settings.signed if settings.signed is not None else stats[t.key].saw_negative
         out[t.key] = make_quantizer(
             settings.mode, low, high, bits=plan.get(t.key, settings.bits), signed=signed,
-            narrow_range=narrow, axis=None,
+            narrow_range=narrow, axis=None, log_scale=settings.logarithm_scale,
         )
     return out
