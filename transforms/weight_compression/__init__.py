@@ -64,3 +64,11 @@ __all__ = [
     "unpack_int4",
     "weight_compression",
 ]
+
+from purecomp.commands import register_command  # noqa: E402
+
+from . import cli  # noqa: E402
+from .saving import load_compressed, save_compressed  # noqa: E402, F401
+
+register_command("compress-weights", "weight-only compression of a HuggingFace causal LM (INT8 / INT4 / NF4)",
+                 cli.add_arguments, cli.run)
