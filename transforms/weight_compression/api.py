@@ -153,8 +153,8 @@ def install(model: nn.Module, state: WeightCompressionState) -> nn.Module:
     if not isinstance(state, WeightCompressionState):
         raise StateError(f"expected a WeightCompressionState, got {type(state).__name__}")
     new: dict[int, nn.Module] = {}
-    done = set()
-    for path, module, name in _holders(model):
+    places: list[tuple[str, int]] = []
+    for path, module, name in _holders(model):  # build every module first: an error leaves the model as it was
         packed = state.weights.get(name)
         if packed is None:
             continue
@@ -163,13 +163,15 @@ def install(model: nn.Module, state: WeightCompressionState) -> nn.Module:
                 new[id(module)] = CompressedLinear.from_linear(module, packed)
             else:
                 new[id(module)] = CompressedEmbedding.from_embedding(module, packed)
-        _set_module(model, path, new[id(module)])
-        done.add(name)
+        places.append((path, id(module)))
+    done = {name for _, module, name in _holders(model) if id(module) in new}
     missing = sorted(set(state.weights) - done)
     if missing:
         raise StateError(f"weights {missing[:5]} of the state are held by no nn.Linear / nn.Embedding of the model "
                          "(compress_weights replaces modules; use pc.apply with the weight_compression method for "
                          "weights used by functional calls)")
+    for path, key in places:
+        _set_module(model, path, new[key])
     return model
 
 

@@ -9,7 +9,7 @@ the model on ``W'``; ``compress_weights`` builds modules holding the packed form
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,8 @@ from .sensitivity import WEIGHT_QUANTIZATION_ERROR, ActivationStatistic, layer_s
 from .state import SCALE_DTYPE, WeightCompressionState
 
 
-def scorer(settings: Settings, params: Mapping[str, Tensor], activations: Mapping[str, float] | None = None):
+def scorer(settings: Settings, params: Mapping[str, Tensor],
+           activations: Mapping[str, float] | None = None) -> Callable[[list[Layer]], list[float]]:
     """``scores(layers)`` for ``precision.plan``: ``sensitivity.layer_score`` of each layer."""
     def scores(layers: list[Layer]) -> list[float]:
         metric = settings.sensitivity_metric
