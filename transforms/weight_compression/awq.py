@@ -28,7 +28,8 @@ A uniform factor on ``s_K`` changes nothing (every grid here is scale-equivarian
 group), so the original AWQ's normalisation of ``s`` by ``sqrt(max s min s)`` is not needed.
 Starting from ``s = 1`` (round-to-nearest) and keeping the current scale among each group's
 candidates, no step can raise ``E``: ``awq_scale`` never loses to round-to-nearest on ``E``
-(checked once more at the end, against float rounding: if it did, ``s = 1`` is returned).
+(the change of ``E`` is recomputed at the end, against float rounding: were it positive, ``s = 1``
+is returned).
 
 Where purecomp departs from NNCF: NNCF scores a group by the mean ABSOLUTE error of that group's
 partial output on per-sample token MEANS of the input (cross terms with other groups ignored),
@@ -50,6 +51,7 @@ bytes; layers whose search keeps ``s = 1`` get no buffer. This works whatever pr
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -58,7 +60,9 @@ from purecomp.errors import ConfigError
 
 from .grid import EPS, fake_quantize, resolve_group_size
 from .layer_inputs import LayerInputs
-from .precision import LayerConfig
+
+if TYPE_CHECKING:
+    from .precision import LayerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +145,11 @@ def awq_scale(weight: Tensor, config: LayerConfig, inputs: LayerInputs,
             changed = True
     if not changed:
         return s
-    scaled = fake_quantize(w * s, config.mode, g) / s
-    if inputs.output_error(w, scaled) > inputs.output_error(w, rtn):  # float rounding only
-        return torch.ones_like(s)
-    return s
+    # E(AWQ) - E(RTN), recomputed from scratch on the changed columns C only (a = the change of
+    # W - W'): sum_i a_iC G_CC a_iC^T + 2 a_iC G_C: (W - W_rtn)_i^T. Never positive but for rounding.
+    changed_cols = s != 1
+    a = (w64 - (fake_quantize(w * s, config.mode, g) / s).to(torch.float64)) - (w64 - rtn.to(torch.float64))
+    a = a[:, changed_cols]
+    g_c = gram[changed_cols]
+    change = ((a @ g_c[:, changed_cols]) * a).sum() + 2 * (a * ((w64 - rtn.to(torch.float64)) @ g_c.T)).sum()
+    return s if float(change) <= 0 else torch.ones_like(s)
