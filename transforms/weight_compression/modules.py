@@ -4,7 +4,10 @@
 ``W'``, where ``W'`` is dequantized from the buffers ``packed_weight``, ``scale`` and (asymmetric
 modes) ``zero_point`` at every call (an embedding dequantizes only the looked-up rows). Their
 ``state_dict()`` holds exactly those buffers, the bias, and an ``_extra_state`` entry describing
-the format (mode, group size, shape, dtype): no float weight. ``load_state_dict`` restores them
+the format (mode, group size, shape, dtype; ``input_scale: True`` when AWQ stored one): no float
+weight. A ``CompressedLinear`` compressed with AWQ holds ``input_scale = 1 / s`` and dequantizes
+``W' = Q(W diag(s)) diag(1 / s)``: one extra multiplication of the ``[out, in]`` weight by an
+``[in]`` vector per call (``awq.py``). ``load_state_dict`` restores them
 bit for bit and refuses an entry of another format (``StateError``).
 """
 
@@ -40,12 +43,13 @@ class _Compressed(nn.Module):
         self.register_buffer("packed_weight", packed.data)
         self.register_buffer("scale", packed.scale)
         self.register_buffer("zero_point", packed.zero_point)  # None: not in state_dict
+        self.register_buffer("input_scale", packed.input_scale)  # AWQ's 1 / s, else None
 
     @property
     def packed(self) -> PackedWeight:
         """The stored weight as a ``PackedWeight`` (sharing the buffers)."""
         return PackedWeight(self.packed_weight, self.scale, self.zero_point, self.mode, self.group_size,
-                            self.weight_shape)
+                            self.weight_shape, self.input_scale)
 
     @property
     def weight(self) -> Tensor:
@@ -54,21 +58,27 @@ class _Compressed(nn.Module):
             return self.packed.dequantize(self.weight_dtype)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"format": FORMAT, "mode": self.mode, "group_size": self.group_size,
-                "shape": list(self.weight_shape), "dtype": _dtype_name(self.weight_dtype)}
+        state = {"format": FORMAT, "mode": self.mode, "group_size": self.group_size,
+                 "shape": list(self.weight_shape), "dtype": _dtype_name(self.weight_dtype)}
+        if self.input_scale is not None:
+            state["input_scale"] = True
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         expected = self.get_extra_state()
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise StateError(f"not a purecomp packed weight entry (expected format {FORMAT!r}): {state!r}")
-        if {k: state.get(k) for k in expected} != expected:
+        scaled = self.input_scale is not None
+        if {k: state.get(k) for k in expected} != expected or bool(state.get("input_scale")) != scaled:
             raise StateError(f"the state_dict holds a {state.get('mode')} weight (group size {state.get('group_size')}, "
-                             f"shape {state.get('shape')}, {state.get('dtype')}); this module stores {self.mode} "
-                             f"(group size {self.group_size}, shape {list(self.weight_shape)}, "
-                             f"{_dtype_name(self.weight_dtype)})")
+                             f"shape {state.get('shape')}, {state.get('dtype')}"
+                             f"{', AWQ input scale' if state.get('input_scale') else ''}); this module stores "
+                             f"{self.mode} (group size {self.group_size}, shape {list(self.weight_shape)}, "
+                             f"{_dtype_name(self.weight_dtype)}{', AWQ input scale' if scaled else ''})")
 
     @staticmethod
-    def _empty(mode: str, group_size: int, shape: tuple[int, int], device: Any = None) -> PackedWeight:
+    def _empty(mode: str, group_size: int, shape: tuple[int, int], device: Any = None,
+               input_scale: bool = False) -> PackedWeight:
         """Zero buffers of the right shapes, to be filled by ``load_state_dict``."""
         spec = mode_spec(mode)
         out, in_features = shape
@@ -81,7 +91,8 @@ class _Compressed(nn.Module):
         if spec.asymmetric:
             zp = torch.zeros(out, (n_groups + 1) // 2 if spec.bits == 4 else n_groups, dtype=torch.uint8, device=device)
         scale = torch.zeros(out, n_groups, dtype=torch.float16, device=device)
-        return PackedWeight(data, scale, zp, spec.name, group_size, (out, in_features))
+        ones = torch.ones(in_features, dtype=torch.float32, device=device) if input_scale else None
+        return PackedWeight(data, scale, zp, spec.name, group_size, (out, in_features), ones)
 
     def extra_repr(self) -> str:
         return f"{self.weight_shape[1]}, {self.weight_shape[0]}, mode={self.mode}, group_size={self.group_size}"
@@ -104,9 +115,10 @@ class CompressedLinear(_Compressed):
 
     @classmethod
     def empty(cls, mode: str, group_size: int, in_features: int, out_features: int, bias: bool = False,
-              weight_dtype: torch.dtype = torch.float32) -> CompressedLinear:
-        """A module with zero buffers, to load a compressed ``state_dict`` into."""
-        packed = cls._empty(mode, group_size, (out_features, in_features))
+              weight_dtype: torch.dtype = torch.float32, input_scale: bool = False) -> CompressedLinear:
+        """A module with zero buffers (and, with ``input_scale``, an AWQ input scale), to load a
+        compressed ``state_dict`` into."""
+        packed = cls._empty(mode, group_size, (out_features, in_features), input_scale=input_scale)
         return cls(packed, torch.zeros(out_features, dtype=weight_dtype) if bias else None, weight_dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -6,6 +6,10 @@ and, for the asymmetric modes, its zero points (packed too for ``int4_asym``). T
 those ``grid.quantize`` computes with float32 scales; dequantization computes
 ``(q - z) * float32(s16)`` in float32 and casts to the layer's dtype, so a stored weight differs
 from ``grid.fake_quantize`` only by the float16 rounding of ``s`` (relative ``<= 2^-11``).
+
+A weight compressed with AWQ (``awq.py``) also holds ``input_scale = 1 / s`` (float32, one per
+input channel): the integers encode ``W diag(s)`` and the stored weight is
+``W' = dequantize(q) diag(input_scale)``, so ``x W'^T = (x / s) Q(W diag(s))^T``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class PackedWeight:
     """One compressed weight: ``data`` (int8 / uint8 ``[out, in]``, or uint8 ``[out, ceil(in / 2)]``
     for 4-bit modes), ``scale [out, n_groups]``, ``zero_point`` (asymmetric modes: uint8
     ``[out, n_groups]``, packed for ``int4_asym``; else ``None``), the ``mode``, the number of
-    input columns per group ``group_size`` and the weight's ``shape``."""
+    input columns per group ``group_size``, the weight's ``shape`` and, after AWQ, the
+    per-input-channel ``input_scale [in]`` (float32; ``None`` otherwise; module docstring)."""
 
     data: Tensor
     scale: Tensor
@@ -38,10 +43,13 @@ class PackedWeight:
     mode: str = static_field()
     group_size: int = static_field()
     shape: tuple[int, int] = static_field()
+    input_scale: Tensor | None = None
 
     @classmethod
-    def pack(cls, q: Quantized, mode: str, scale_dtype: torch.dtype = SCALE_DTYPE) -> PackedWeight:
-        """Store ``grid.quantize``'s result: 4-bit values packed, scales in ``scale_dtype``."""
+    def pack(cls, q: Quantized, mode: str, scale_dtype: torch.dtype = SCALE_DTYPE,
+             input_scale: Tensor | None = None) -> PackedWeight:
+        """Store ``grid.quantize``'s result: 4-bit values packed, scales in ``scale_dtype``;
+        ``input_scale`` (AWQ's ``1 / s``) in float32."""
         spec = mode_spec(mode)
         out, in_features = q.values.shape
         n_groups = q.scale.shape[-1]
@@ -49,8 +57,13 @@ class PackedWeight:
         zp = q.zero_point
         if zp is not None and spec.bits == 4:
             zp = pack_int4(zp)
+        if input_scale is not None:
+            if tuple(input_scale.shape) != (in_features,):
+                raise StateError(f"input_scale of shape {tuple(input_scale.shape)} does not fit a weight with "
+                                 f"{in_features} input channels")
+            input_scale = input_scale.detach().to(torch.float32).contiguous()
         return cls(data, q.scale.to(scale_dtype).contiguous(), zp, spec.name, in_features // n_groups,
-                   (int(out), int(in_features)))
+                   (int(out), int(in_features)), input_scale)
 
     @property
     def bits(self) -> int:
@@ -71,9 +84,13 @@ class PackedWeight:
         return Quantized(values, self.scale, zp)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``W'`` in ``dtype`` (``grid.dequantize`` of the unpacked integers)."""
+        """``W'`` in ``dtype`` (``grid.dequantize`` of the unpacked integers, times ``input_scale``
+        per input column when AWQ set one)."""
         q = self.unpack()
-        return dequantize(q.values, q.scale, q.zero_point, self.mode, dtype=dtype)
+        if self.input_scale is None:
+            return dequantize(q.values, q.scale, q.zero_point, self.mode, dtype=dtype)
+        w = dequantize(q.values, q.scale, q.zero_point, self.mode, dtype=torch.float32)
+        return (w * self.input_scale.to(torch.float32)).to(dtype)
 
     def rows(self, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """``W'[index]`` for integer ``index`` of any shape (an embedding lookup), dequantizing only
@@ -81,13 +98,13 @@ class PackedWeight:
         flat = index.reshape(-1)
         selected = PackedWeight(self.data[flat], self.scale[flat],
                                 None if self.zero_point is None else self.zero_point[flat],
-                                self.mode, self.group_size, (int(flat.numel()), self.shape[1]))
+                                self.mode, self.group_size, (int(flat.numel()), self.shape[1]), self.input_scale)
         return selected.dequantize(dtype).reshape(*index.shape, self.shape[1])
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored tensors."""
-        tensors = [self.data, self.scale] + ([self.zero_point] if self.zero_point is not None else [])
+        tensors = [self.data, self.scale] + [t for t in (self.zero_point, self.input_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
