@@ -1,6 +1,7 @@
 """Weight-only compression of linears and embeddings (NNCF 3.x's ``compress_weights``): INT8 /
 INT4 / NF4 grids with groups along the input dimension, mixed precision by layer sensitivity,
-packed storage that dequantizes in ``forward``, and the ``weight_compression`` method."""
+the data-aware algorithms (AWQ, scale estimation, GPTQ), packed storage that dequantizes in
+``forward``, and the ``weight_compression`` method."""
 
 from .api import (
     compress_weights,
@@ -9,7 +10,9 @@ from .api import (
     load_compressed_state_dict,
     state_from_model,
 )
-from .compressor import LayerAlgorithm, LayerInputs, round_to_nearest
+from .awq import AWQParameters, awq_scale
+from .compressor import LayerAlgorithm, LayerInputs, LayerResult, data_aware, round_to_nearest
+from .gptq import GPTQParameters
 from .grid import (
     MODES,
     NF4_LEVELS,
@@ -30,29 +33,37 @@ from .parameters import (
     SensitivityMetric,
 )
 from .precision import Layer, LayerConfig, Plan
+from .scale_estimation import ScaleEstimationParameters, estimate_scales
 from .state import PackedWeight, WeightCompressionState
 
 __all__ = [
+    "AWQParameters",
     "AdvancedCompressionParameters",
     "BackupMode",
     "CompressWeightsMode",
     "CompressedEmbedding",
     "CompressedLinear",
+    "GPTQParameters",
     "Layer",
     "LayerAlgorithm",
     "LayerConfig",
     "LayerInputs",
+    "LayerResult",
     "MODES",
     "ModeSpec",
     "NF4_LEVELS",
     "PackedWeight",
     "Plan",
     "Quantized",
+    "ScaleEstimationParameters",
     "SensitivityMetric",
     "WeightCompressionState",
+    "awq_scale",
     "compress_weights",
+    "data_aware",
     "dequantize",
     "dequantized_weights",
+    "estimate_scales",
     "fake_quantize",
     "install",
     "load_compressed_state_dict",

@@ -80,9 +80,13 @@ def compress_weights(
     iterable of model inputs (a tensor, a tuple of positional inputs, a dict of keyword inputs);
     the first ``subset_size`` samples give the activation statistics, and the first sample traces
     the layer order (without a dataset, the registration order of the modules is used).
+    ``awq``, ``scale_estimation``, ``gptq``: NNCF's data-aware algorithms for the 4-bit layers (AWQ
+    input-channel scales, refined group scales, GPTQ error compensation; ``awq.py``,
+    ``scale_estimation.py``, ``gptq.py``), combinable as in NNCF; they need a ``dataset`` and read
+    each 4-bit layer's input statistics on the ``subset_size`` samples (a second pass over them).
     ``advanced_parameters``: ``AdvancedCompressionParameters`` or a dict
-    (``group_size_fallback_mode``: ``error`` / ``ignore`` / ``adjust``; ``min_adjusted_group_size``).
-    ``awq``, ``scale_estimation``, ``gptq`` = True raise ``ConfigError``: they arrive later."""
+    (``group_size_fallback_mode``: ``error`` / ``ignore`` / ``adjust``; ``min_adjusted_group_size``;
+    ``awq_params``, ``scale_estimation_params``, ``gptq_params``)."""
     if not isinstance(model, nn.Module):
         raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
     if dataset is not None and not uses_data(mode):
@@ -122,7 +126,8 @@ def compress_weights(
                     settings.mode, ratio=settings.ratio, group_size=settings.group_size,
                     all_layers=settings.all_layers, sensitivity_metric=settings.sensitivity_metric,
                     backup_mode=settings.backup_mode, subset_size=settings.subset_size, ignored_scopes=patterns,
-                    target_scopes=held, validate_scopes=validate, advanced_parameters=settings.advanced)
+                    target_scopes=held, validate_scopes=validate, advanced_parameters=settings.advanced, awq=awq,
+                    scale_estimation=scale_estimation, gptq=gptq)
                 state = method.init(graph, params, [kw if kw else (a,) for a, kw in batches], calibration_mode="eval")
             finally:
                 model.train(was_training)
@@ -211,7 +216,7 @@ def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) 
         out, in_features = value["shape"]
         if isinstance(module, nn.Linear):
             new = CompressedLinear.empty(value["mode"], value["group_size"], in_features, out, module.bias is not None,
-                                         dtype)
+                                         dtype, input_scale=bool(value.get("input_scale")))
         elif isinstance(module, nn.Embedding):
             new = CompressedEmbedding.empty(value["mode"], value["group_size"], out, in_features, module.padding_idx,
                                             dtype)
@@ -226,7 +231,7 @@ def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) 
         for other in group[1:]:
             if other.get_extra_state() == first.get_extra_state() and all(
                     torch.equal(getattr(first, b), getattr(other, b)) for b in ("packed_weight", "scale")):
-                for b in ("packed_weight", "scale", "zero_point"):
+                for b in ("packed_weight", "scale", "zero_point", "input_scale"):
                     setattr(other, b, getattr(first, b))
     return model
 

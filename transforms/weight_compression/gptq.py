@@ -42,6 +42,7 @@ All arithmetic on ``W`` and ``H`` is float64; scales are float32, as stored.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -50,8 +51,10 @@ from purecomp.errors import ConfigError, NumericalError
 
 from .grid import NF4_CENTERS, NF4_LEVELS, Quantized, compute_scale, mode_spec, quantize, resolve_group_size
 from .layer_inputs import LayerInputs
-from .precision import LayerConfig
 from .scale_estimation import ScaleEstimationParameters, estimate_scales, keep_better_rows
+
+if TYPE_CHECKING:
+    from .precision import LayerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +146,8 @@ def gptq(weight: Tensor, config: LayerConfig, inputs: LayerInputs, params: GPTQP
                 current32 = current.to(torch.float32)
                 if use_se:
                     group_inputs = inputs.columns(slice(k * g, (k + 1) * g))
-                    q = estimate_scales(current32, LayerConfig(config.mode, -1), group_inputs, scale_estimation)
+                    q = estimate_scales(current32, dataclasses.replace(config, group_size=-1), group_inputs,
+                                        scale_estimation)
                     scale, zp = q.scale, q.zero_point
                 else:
                     scale, zp = compute_scale(current32, config.mode, None)

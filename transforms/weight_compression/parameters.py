@@ -13,13 +13,18 @@ from typing import Any
 
 from purecomp.errors import ConfigError
 
+from .awq import AWQParameters
+from .gptq import GPTQParameters
 from .grid import mode_spec
+from .scale_estimation import ScaleEstimationParameters
 from .sensitivity import DATA_AWARE, MAX_ACTIVATION_VARIANCE, METRICS, WEIGHT_QUANTIZATION_ERROR
 
 INT8_MODES = ("int8_asym", "int8_sym")
 BACKUP_MODES = ("int8_asym", "int8_sym", "none")
 FALLBACK_MODES = ("error", "ignore", "adjust")
-LATER_ALGORITHMS = ("awq", "scale_estimation", "gptq")
+DATA_AWARE_ALGORITHMS = ("awq", "scale_estimation", "gptq")
+ALGORITHM_PARAMS = {"awq_params": AWQParameters, "scale_estimation_params": ScaleEstimationParameters,
+                    "gptq_params": GPTQParameters}
 
 
 class CompressWeightsMode(str, enum.Enum):
@@ -60,12 +65,29 @@ class AdvancedCompressionParameters:
     """``group_size_fallback_mode`` (NNCF's ``GroupSizeFallbackMode``) for layers whose input
     channels the group size does not divide: ``error`` (default) raises; ``ignore`` keeps them in
     float; ``adjust`` uses the largest power of two dividing the channels, ``c & -c``, when it is
-    at least ``min_adjusted_group_size`` (else the layer goes to the backup precision)."""
+    at least ``min_adjusted_group_size`` (else the layer goes to the backup precision).
+    ``awq_params``, ``scale_estimation_params``, ``gptq_params``: the data-aware algorithms' options
+    (``AWQParameters``, ``ScaleEstimationParameters``, ``GPTQParameters`` or dicts of their fields),
+    NNCF's ``AdvancedAWQParameters`` etc. without their ``subset_size``."""
 
     group_size_fallback_mode: str = "error"
     min_adjusted_group_size: int = 32
+    awq_params: AWQParameters = AWQParameters()
+    scale_estimation_params: ScaleEstimationParameters = ScaleEstimationParameters()
+    gptq_params: GPTQParameters = GPTQParameters()
 
     def __post_init__(self) -> None:
+        for key, cls in ALGORITHM_PARAMS.items():
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+                if unknown:
+                    raise ConfigError(f"advanced_parameters.{key}.{sorted(unknown)[0]}",
+                                      f"unknown option; expected {[f.name for f in dataclasses.fields(cls)]}")
+                object.__setattr__(self, key, cls(**value))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"advanced_parameters.{key}", f"expected {cls.__name__} or a dict, got "
+                                  f"{type(value).__name__}")
         mode = _name(self.group_size_fallback_mode)
         if mode not in FALLBACK_MODES:
             raise ConfigError("advanced_parameters.group_size_fallback_mode",
@@ -158,10 +180,14 @@ def check_options(
     for key, value in (("awq", awq), ("scale_estimation", scale_estimation), ("gptq", gptq)):
         if value is not None and not isinstance(value, bool):
             raise ConfigError(key, f"expected True, False or None, got {value!r}")
-        if value:
-            raise ConfigError(key, f"{key}=True is not built yet: the data-aware algorithms (AWQ, scale estimation, "
-                              "GPTQ) arrive in a later step of purecomp's weight compression; pass None (or False) "
-                              "for round-to-nearest weights")
+    # NNCF v3.1.0 quantize_model.py:604: scale estimation and GPTQ need a dataset
+    needs_data = [key for key, value in (("scale_estimation", scale_estimation), ("gptq", gptq)) if value]
+    if needs_data and not has_dataset:
+        raise ConfigError(needs_data[0], f"{' and '.join(needs_data)} fit(s) the weights to calibration data: "
+                          "pass a dataset (a purecomp.Dataset or an iterable of model inputs)")
+    if awq and not has_dataset:  # NNCF then runs its data-free AWQ (awq.py: _data_free_step); purecomp has none
+        raise ConfigError("awq", "purecomp's AWQ searches its scales on calibration activations: pass a dataset "
+                          "(NNCF's data-free AWQ variant is not built)")
 
 
 def resolve(

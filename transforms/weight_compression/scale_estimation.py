@@ -39,6 +39,7 @@ eps`` (possible only when a group's targets are all 0) is not a candidate.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -47,7 +48,9 @@ from purecomp.errors import ConfigError
 
 from .grid import EPS, Quantized, compute_scale, dequantize, quantize_with, resolve_group_size
 from .layer_inputs import LayerInputs
-from .precision import LayerConfig
+
+if TYPE_CHECKING:
+    from .precision import LayerConfig
 
 ZERO_TARGET = 0.001  # NNCF's zero_scale: added to |t| where the target is 0
 
