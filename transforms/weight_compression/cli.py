@@ -1,7 +1,7 @@
 """``python -m purecomp compress-weights``: weight-only compression of a HuggingFace causal LM.
 
     python -m purecomp compress-weights --model DIR [--gguf-file F] --mode int4_sym --group-size 128
-        [--ratio R] [--awq] [--scale-estimation] [--gptq] [--dataset TEXT_FILE] --out DIR
+        [--group-size-fallback error|ignore|adjust] [--ratio R] [--awq] [--scale-estimation] [--gptq] [--dataset TEXT_FILE] --out DIR
 
 Loads the model (and its tokenizer) from a local folder (never from the network), compresses it
 with ``compress_weights``, writes it with ``save_compressed`` (reload with
@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="int8_asym", choices=sorted(MODES), help="weight format (default int8_asym)")
     p.add_argument("--group-size", type=int, help="input channels per scale (default: 128 for 4-bit modes, "
                    "per output channel for 8-bit)")
+    p.add_argument("--group-size-fallback", default="error", choices=["error", "ignore", "adjust"],
+                   help="layers whose input size --group-size does not divide: refuse (default), leave them in the "
+                        "backup mode, or use the largest group size that divides")
     p.add_argument("--ratio", type=float, help="share of the weights in --mode, the rest in the backup mode")
     p.add_argument("--backup-mode", choices=["int8_asym", "int8_sym", "none"])
     p.add_argument("--all-layers", action="store_true", help="compress embeddings and the LM head in --mode too")
@@ -111,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     compress_weights(model, mode=args.mode, ratio=args.ratio, group_size=args.group_size,
                      all_layers=args.all_layers or None, dataset=dataset, subset_size=args.subset_size,
-                     backup_mode=args.backup_mode, **{k: True for k, v in options.items() if v})
+                     backup_mode=args.backup_mode,
+                     advanced_parameters={"group_size_fallback_mode": args.group_size_fallback},
+                     **{k: True for k, v in options.items() if v})
     seconds = time.perf_counter() - t0
     save_compressed(model, args.out)
     tokenizer.save_pretrained(args.out)

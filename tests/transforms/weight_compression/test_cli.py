@@ -58,19 +58,22 @@ def test_cli_writes_a_folder_that_loads_to_the_same_compressed_model(model_folde
 
     out = tmp_path / "out"
     run_cli("--model", str(model_folder), "--mode", "int4_sym", "--group-size", "64", "--ratio", "0.5",
-            "--dataset", str(model_folder / "calibration.txt"), "--subset-size", "8", "--seq-len", "16",
+            "--awq", "--scale-estimation", "--dataset", str(model_folder / "calibration.txt"), "--subset-size", "8",
+            "--seq-len", "16",
             "--out", str(out))
     printed = capsys.readouterr().out
     assert "| int4_sym" in printed and "| int8_asym" in printed and "MiB ->" in printed
     loaded = load_compressed(out)
     assert any(isinstance(m, CompressedLinear) and m.mode == "int4_sym" for m in loaded.modules())
+    assert any(isinstance(m, CompressedLinear) and m.input_scale is not None for m in loaded.modules())  # AWQ
     assert any(isinstance(m, CompressedEmbedding) for m in loaded.modules())
 
     # the same call in process gives the same model, bit for bit
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     reference = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
     dataset = text_dataset(tokenizer, model_folder / "calibration.txt", 16, 8)
-    compress_weights(reference, mode="int4_sym", group_size=64, ratio=0.5, dataset=dataset, subset_size=8)
+    compress_weights(reference, mode="int4_sym", group_size=64, ratio=0.5, dataset=dataset, subset_size=8, awq=True,
+                     scale_estimation=True)
     ids = dataset[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
