@@ -193,3 +193,20 @@ def test_a_layer_the_data_never_reaches_is_named() -> None:
     with pytest.raises(CalibrationError, match="unused"):
         method.init(graph, dict(model.named_parameters()), [(torch.randn(2, 32),) for _ in range(3)],
                     calibration_mode="eval")
+
+
+def test_awq_state_round_trips_through_save_state(tmp_path) -> None:
+    model = llm_like()
+    graph = pc.trace(model, (CALIBRATION[0],))
+    params = dict(model.named_parameters())
+    method = pc.weight_compression("int4_sym", group_size=32, awq=True)
+    state = method.init(graph, params, [(ids,) for ids in CALIBRATION], calibration_mode="eval")
+    assert any(p.input_scale is not None for p in state.weights.values())
+    loaded = pc.load_state(pc.save_state(tmp_path / "state.safetensors", state))
+    for name, packed in state.weights.items():
+        other = loaded.weights[name].input_scale
+        assert (other is None) == (packed.input_scale is None)
+        if other is not None:
+            assert torch.equal(other, packed.input_scale)
+    before, after = method.params(params, state), method.params(params, loaded)
+    assert all(torch.equal(before[k], after[k]) for k in before)
