@@ -43,6 +43,7 @@ from .transforms.weight_compression import (
     CompressWeightsMode,
     SensitivityMetric,
     compress_weights,
+    export_compressed,
     weight_compression,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "CompressWeightsMode",
     "SensitivityMetric",
     "compress_weights",
+    "export_compressed",
     "weight_compression",
     "AdvancedQuantizationParameters",
     "Dataset",

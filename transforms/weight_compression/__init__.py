@@ -12,6 +12,7 @@ from .api import (
 )
 from .awq import AWQParameters, awq_scale
 from .compressor import LayerAlgorithm, LayerInputs, LayerResult, data_aware, round_to_nearest
+from .export_onnx import export_compressed, generate_greedy
 from .gptq import GPTQParameters
 from .grid import (
     MODES,
@@ -62,9 +63,11 @@ __all__ = [
     "compress_weights",
     "data_aware",
     "dequantize",
+    "export_compressed",
     "dequantized_weights",
     "estimate_scales",
     "fake_quantize",
+    "generate_greedy",
     "install",
     "load_compressed_state_dict",
     "pack_int4",
