@@ -24,7 +24,7 @@ class ExportError(PurecompError, RuntimeError):
     """The ONNX exporter could not export the materialized model."""
 
 
-def _strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+def strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Drop the exporter's per-node metadata (Python stack traces, FX names): it can outweigh a small model."""
     for node in proto.graph.node:
         del node.metadata_props[:]
@@ -77,7 +77,7 @@ def to_onnx(
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for the materialized model: {type(exc).__name__}: {exc}") from exc
     program.save(str(path))
-    proto = _strip_metadata(onnx.load(str(path)))
+    proto = strip_metadata(onnx.load(str(path)))
     onnx.save(proto, str(path))
     onnx.checker.check_model(proto, full_check=True)
     log.info("exported %s (%.1f KiB)", path, path.stat().st_size / 1024)

@@ -59,7 +59,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from purecomp.errors import ConfigError
-from purecomp.export.onnx_export import ExportError
+from purecomp.export.onnx_export import ExportError, strip_metadata
 
 from . import onnx_ops
 from .grid import mode_spec
@@ -338,17 +338,6 @@ def optimize_keeping_packed_weights(model: Any) -> None:
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
-def _strip_metadata(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node metadata (stack traces, FX names)."""
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    for info in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
-        del info.metadata_props[:]
-    for init in proto.graph.initializer:
-        del init.metadata_props[:]
-
-
 def _rename_inputs(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -497,7 +486,7 @@ def export_compressed(
         raise ExportError(f"torch.onnx.export failed for the materialized {type(model).__name__}: "
                           f"{type(exc).__name__}: {exc}") from exc
     proto = program.model_proto
-    _strip_metadata(proto)
+    strip_metadata(proto)
     removed = deduplicate_initializers(proto)
     if weight_format == "dequantize_linear":
         rewritten = matmul_nbits_to_dequantize_linear(proto)
