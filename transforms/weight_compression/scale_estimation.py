@@ -77,17 +77,20 @@ def _blocks(gram: Tensor, n_groups: int, g: int) -> Tensor:
     return gram.reshape(n_groups, g, n_groups, g)[idx, :, idx, :]
 
 
-def group_errors(weight: Tensor, approx: Tensor, inputs: LayerInputs, group_size: int,
-                 weight_penalty: float = -1.0) -> Tensor:
+def group_errors(weight: Tensor, approx: Tensor, inputs: LayerInputs | None, group_size: int,
+                 weight_penalty: float = -1.0, blocks: Tensor | None = None) -> Tensor:
     """``[out, n_groups]``: ``e_iK = d G_KK d^T`` (+ ``weight_penalty * mean d^2`` when positive)
-    for ``d = weight - approx`` restricted to row ``i`` and group ``K`` (float64)."""
+    for ``d = weight - approx`` restricted to row ``i`` and group ``K`` (float64). ``blocks``: the
+    float64 ``G_KK`` when already extracted (else taken from ``inputs``)."""
     out, in_features = weight.shape
     n_groups = in_features // group_size
-    d = (weight.to(torch.float64) - approx.to(torch.float64)).reshape(out, n_groups, group_size)
-    blocks = _blocks(inputs.gram.to(torch.float64), n_groups, group_size)
-    err = torch.einsum("okg,kgh,okh->ok", d, blocks, d)
+    d = (weight.to(torch.float64) - approx.to(torch.float64)).reshape(out, n_groups, group_size).transpose(0, 1)
+    if blocks is None:
+        assert inputs is not None
+        blocks = _blocks(inputs.gram.to(torch.float64), n_groups, group_size)
+    err = (torch.bmm(d, blocks) * d).sum(dim=-1).T  # [n_groups, out, g] @ [n_groups, g, g]
     if weight_penalty > 0:
-        err = err + weight_penalty * (d * d).mean(dim=-1)
+        err = err + weight_penalty * (d * d).mean(dim=-1).T
     return err
 
 
@@ -126,9 +129,11 @@ def estimate_scales(weight: Tensor, config: LayerConfig, inputs: LayerInputs,
         q = quantize_with(w, mode, g, scale, zp)
         return dequantize(q.values, torch.ones_like(scale), q.zero_point, mode).reshape(out, n_groups, g)
 
+    blocks = _blocks(inputs.gram.to(torch.float64), n_groups, g)
+
     def error(scale: Tensor) -> Tensor:
         approx = dequantize(*quantize_with(w, mode, g, scale, zp), mode)
-        return group_errors(w, approx, inputs, g, params.weight_penalty)
+        return group_errors(w, approx, None, g, params.weight_penalty, blocks)
 
     s0, zp = compute_scale(w, mode, g)
     sign = torch.sign(s0)
