@@ -2,10 +2,12 @@
 
     python -m purecomp compress-weights --model DIR [--gguf-file F] --mode int4_sym --group-size 128
         [--group-size-fallback error|ignore|adjust] [--ratio R] [--awq] [--scale-estimation] [--gptq] [--dataset TEXT_FILE] --out DIR
+        [--onnx [--onnx-accuracy-level 0|4]]
 
 Loads the model (and its tokenizer) from a local folder (never from the network), compresses it
 with ``compress_weights``, writes it with ``save_compressed`` (reload with
-``purecomp.transforms.weight_compression.load_compressed(DIR)``) and the tokenizer beside it, and
+``purecomp.transforms.weight_compression.load_compressed(DIR)``) and the tokenizer beside it, with
+``--onnx`` also ``DIR/model.onnx`` (``export_compressed``: ``MatMulNBits`` weights, a KV cache), and
 prints a summary: layers and weights per precision, size before and after, time.
 """
 
@@ -46,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset-size", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--out", required=True, type=Path, help="folder to write the compressed model to")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write OUT/model.onnx for ONNX Runtime (MatMulNBits weights, KV cache)")
+    p.add_argument("--onnx-accuracy-level", type=int, default=0, choices=[0, 4],
+                   help="MatMulNBits accuracy level: 0 computes as PyTorch (default), 4 quantizes activations "
+                        "to int8 inside ONNX Runtime (faster, not PyTorch's arithmetic)")
 
 
 def text_dataset(tokenizer: Any, path: Path, seq_len: int, count: int) -> list[dict[str, torch.Tensor]]:
@@ -104,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--model", f"{str(args.model)!r} is not a folder; expected a local HuggingFace model folder")
     if (args.awq or args.scale_estimation or args.gptq) and args.dataset is None:
         raise ConfigError("--dataset", "--awq, --scale-estimation and --gptq need calibration text; expected --dataset")
+    if args.onnx and args.mode == "nf4":
+        raise ConfigError("--onnx", "nf4 weights index a codebook that MatMulNBits cannot hold; expected an "
+                          "int4 or int8 --mode with --onnx")
     load = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True, **load)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32,
@@ -121,5 +131,10 @@ def run(args: argparse.Namespace) -> int:
     save_compressed(model, args.out)
     tokenizer.save_pretrained(args.out)
     print(summary(model, before, model_bytes(model), seconds))
+    if args.onnx:
+        from .export_onnx import export_compressed, file_bytes
+
+        path = export_compressed(model, args.out / "model.onnx", accuracy_level=args.onnx_accuracy_level)
+        print(f"ONNX: {path} ({file_bytes(path) / 2**20:.1f} MiB)")
     print(f"written to {args.out}")
     return 0

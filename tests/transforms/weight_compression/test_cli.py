@@ -80,6 +80,26 @@ def test_cli_writes_a_folder_that_loads_to_the_same_compressed_model(model_folde
     assert AutoTokenizer.from_pretrained(out)("quick fox").input_ids == tokenizer("quick fox").input_ids
 
 
+def test_cli_onnx_writes_a_model_that_onnxruntime_runs_as_the_saved_one(model_folder, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from purecomp.transforms.weight_compression.export_onnx import generate_greedy, session
+
+    out = tmp_path / "out"
+    run_cli("--model", str(model_folder), "--mode", "int4_sym", "--group-size", "32", "--out", str(out), "--onnx")
+    assert "ONNX: " in capsys.readouterr().out
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    loaded = load_compressed(out)
+    loaded.generation_config.eos_token_id = None
+    ids = torch.tensor([[3, 7, 1, 9, 4]])
+    with torch.no_grad():
+        expected = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                   do_sample=False)[0, ids.shape[1]:].numpy()
+    assert (generate_greedy(session(out / "model.onnx", threads=1), ids, 8)[0] == expected).all()
+
+
 def test_save_and_load_keep_tied_weights_shared_and_exact(tmp_path):
     model = compress_weights(tiny_llama(tie_word_embeddings=True), mode="int8_asym")
     path = save_compressed(model, tmp_path)
@@ -103,6 +123,8 @@ def test_cli_errors_name_the_option(model_folder, tmp_path):
         run_cli("--model", str(model_folder), "--mode", "int4_sym", "--gptq", "--out", str(tmp_path))
     with pytest.raises(ConfigError, match="--model"):
         run_cli("--model", str(tmp_path / "missing"), "--out", str(tmp_path))
+    with pytest.raises(ConfigError, match="--onnx"):
+        run_cli("--model", str(model_folder), "--mode", "nf4", "--onnx", "--out", str(tmp_path))
     short = tmp_path / "short.txt"
     short.write_text("the fox", encoding="utf-8")
     with pytest.raises(ConfigError, match="at least --seq-len"):
