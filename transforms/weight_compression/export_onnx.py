@@ -460,7 +460,7 @@ def export_compressed(
     stays small; memory and speed of those layers are float's). ONNX Runtime then computes with
     exactly PyTorch's weights ``W'``. 4: ``MatMulNBits`` for every compressed linear and ONNX
     Runtime quantizes each block of activations to int8 before its integer kernels: the fastest,
-    but not PyTorch's arithmetic (greedy tokens drift; docs/weight_compression_export.md).
+    but not PyTorch's arithmetic (greedy tokens drift; docs/weight_compression.md, Export).
 
     ``max_block_size``: the largest ``MatMulNBits`` block (a power of two dividing each group).
     ``fallback``: what to do with a weight ``MatMulNBits`` cannot hold (``materialize_nbits``).

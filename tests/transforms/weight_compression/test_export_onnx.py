@@ -345,3 +345,27 @@ def test_float_model_exports_with_the_same_layout(tmp_path) -> None:
     with torch.no_grad():
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     np.testing.assert_array_equal(got, expected[0, 6:].numpy())
+
+
+def test_awq_input_scales_are_exported(tmp_path) -> None:
+    """A model compressed with AWQ holds per-input-channel scales (``W' = W_q diag(input_scale)``):
+    the export multiplies the input by them before ``MatMulNBits``."""
+    g = torch.Generator().manual_seed(11)
+    data = [torch.randint(0, 128, (1, 16), generator=g) for _ in range(8)]
+    model = pc.compress_weights(tiny_llama(), mode="int4_sym", group_size=32, dataset=data, awq=True)
+    scaled = [m for m in model.modules() if isinstance(m, CompressedLinear) and m.input_scale is not None]
+    assert scaled and any(not torch.all(m.input_scale == 1) for m in scaled)
+    path = export_compressed(model, tmp_path / "awq.onnx")
+    wrapper = CausalLMWithCache(model)
+    args = wrapper.example_inputs(batch=1, sequence=7, past=0)
+    with torch.no_grad():
+        expected = wrapper(*args)[0].numpy()
+    got = ort_outputs(path, wrapper, args)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+    # without the input scales the logits would differ by far more than float rounding
+    stripped = copy.deepcopy(model)
+    for m in stripped.modules():
+        if isinstance(m, CompressedLinear) and m.input_scale is not None:
+            m.input_scale = None
+    with torch.no_grad():
+        assert np.abs(CausalLMWithCache(stripped)(*args)[0].numpy() - expected).max() > 1e-2 * np.abs(expected).max()
