@@ -141,11 +141,12 @@ def rebuilt(module: CompressedModule, state: Any) -> CompressedModule:
 
 @contextlib.contextmanager
 def float_biases(module: CompressedModule, layers: Iterable[str], keep: bool = False) -> Iterator[None]:
-    """The biases of ``layers`` set back to their values before bias correction (the
-    ``uncorrected_biases`` ``quantize`` records), in place; put back on exit unless ``keep``."""
-    uncorrected = getattr(module, "uncorrected_biases", {})
+    """The biases of ``layers`` set back to their values before bias correction, and their weights
+    to theirs before AdaRound (the ``float_values`` ``quantize`` records), in place; put back on
+    exit unless ``keep``."""
+    uncorrected = getattr(module, "float_values", {})
     params = dict(module.model.named_parameters())
-    names = [f"{layer}.bias" for layer in layers if f"{layer}.bias" in uncorrected]
+    names = [f"{layer}.{kind}" for layer in layers for kind in ("bias", "weight") if f"{layer}.{kind}" in uncorrected]
     saved = {name: params[name].detach().clone() for name in names}
     with torch.no_grad():
         for name in names:

@@ -16,6 +16,43 @@ MODEL_TYPES = (None, "transformer")
 WEIGHT_ESTIMATORS = ("min_max", "mse")
 ACTIVATION_ESTIMATORS = ("min_max", "mean_min_max", "percentile", "mse")
 SMOOTH_QUANT_TYPES = frozenset({"matmul", "convolution"})
+QUANTIZATION_PARAMS_KEYS = ("num_bits", "mode", "per_channel", "narrow_range", "signedness_to_force")
+MODES = ("symmetric", "asymmetric")
+
+
+def quantization_params(value: Any, path: str) -> dict[str, Any]:
+    """NNCF's ``QuantizationParameters`` (a dict, or any object with its attribute names) as the
+    ``quantization(weights=..., activations=...)`` keys it sets: ``num_bits`` (2..8) -> ``bits``,
+    ``mode``, ``per_channel``, ``narrow_range``. ``None`` values keep the default.
+    ``signedness_to_force`` is refused by name: the signedness follows the data here."""
+    if value is None:
+        return {}
+    items = dict(value) if isinstance(value, Mapping) else {k: getattr(value, k) for k in QUANTIZATION_PARAMS_KEYS
+                                                             if hasattr(value, k)}
+    unknown = set(items) - set(QUANTIZATION_PARAMS_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}.{sorted(unknown)[0]}", f"unknown key; expected one of {list(QUANTIZATION_PARAMS_KEYS)}")
+    out: dict[str, Any] = {}
+    bits = items.get("num_bits")
+    if bits is not None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ConfigError(f"{path}.num_bits", f"expected an integer from 2 to 8, got {bits!r}")
+        out["bits"] = bits
+    mode = items.get("mode")
+    if mode is not None:
+        mode = getattr(mode, "value", mode)
+        if mode not in MODES:
+            raise ConfigError(f"{path}.mode", f"expected one of {list(MODES)}, got {mode!r}")
+        out["mode"] = mode
+    for key in ("per_channel", "narrow_range"):
+        if items.get(key) is not None:
+            if not isinstance(items[key], bool):
+                raise ConfigError(f"{path}.{key}", f"expected True or False, got {items[key]!r}")
+            out[key] = items[key]
+    if items.get("signedness_to_force") is not None:
+        raise ConfigError(f"{path}.signedness_to_force", "not supported: the signedness of a quantizer follows its "
+                          "calibration data; expected None")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +95,11 @@ class AdvancedQuantizationParameters:
     layer type for ``model_type="transformer"``, ``matmul`` (linear layers; default 0.95) and
     ``convolution`` (must stay negative, i.e. off: SmoothQuant for convolutions is not built); a
     negative value turns it off. ``smooth_quant_alpha``: NNCF's older single value, overrides
-    ``matmul`` when given."""
+    ``matmul`` when given. ``weights_quantization_params`` / ``activations_quantization_params``
+    (NNCF's ``QuantizationParameters``: ``num_bits``, ``mode``, ``per_channel``, ``narrow_range``):
+    override the 8-bit scheme, e.g. ``{"num_bits": 4}`` for W4A8. ``adaround`` (``True`` or
+    ``AdaRoundParameters`` / a dict of its options; off by default): learned rounding of the
+    conv / linear weights after range estimation (``purecomp.transforms.adaround``)."""
 
     weights_range_estimator: str = "min_max"
     weights_per_channel: bool = True
@@ -73,8 +114,17 @@ class AdvancedQuantizationParameters:
     smooth_quant_alphas: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"matmul": 0.95, "convolution": -1.0})
     smooth_quant_alpha: float | None = None
+    weights_quantization_params: Any = None
+    activations_quantization_params: Any = None
+    adaround: Any = None
 
     def __post_init__(self) -> None:
+        quantization_params(self.weights_quantization_params, "advanced_parameters.weights_quantization_params")
+        quantization_params(self.activations_quantization_params, "advanced_parameters.activations_quantization_params")
+        if self.adaround not in (None, False):
+            from purecomp.transforms.adaround import AdaRoundParameters
+
+            AdaRoundParameters.of(self.adaround)
         if self.weights_range_estimator not in WEIGHT_ESTIMATORS:
             raise ConfigError("advanced_parameters.weights_range_estimator",
                               f"expected one of {list(WEIGHT_ESTIMATORS)}, got {self.weights_range_estimator!r}")

@@ -3,7 +3,8 @@
 On a copy of the model, in order: BatchNorm folding, cross-layer equalization with high-bias
 absorption (opt-in), range estimation on ``subset_size`` calibration samples (weights
 symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
-asymmetric for ``mixed``), MSE-optimal clipping (opt-in), then fast or full bias correction.
+asymmetric for ``mixed``), MSE-optimal clipping (opt-in), AdaRound (opt-in), then fast or full
+bias correction.
 With ``model_type="transformer"`` BatchNorm folding is skipped and SmoothQuant runs before
 range estimation (docs/ptq.md, Transformers). The result is a ``CompressedModule``: its
 forward is the quantized model (the numerics the exported ONNX has), its quantizer ranges are
@@ -46,6 +47,7 @@ from .parameters import (
     AdvancedQuantizationParameters,
     IgnoredScope,
     check_choice,
+    quantization_params,
 )
 from .ranges import activation_samples, mse_activation_quantizers, mse_weight_quantizers
 
@@ -169,9 +171,13 @@ def quantize(
     mode = PRESETS[preset or ("mixed" if transformer else "performance")]  # NNCF's defaults per model type
     low, high = options.activations_percentiles
     ignored = _ignored(ignored_scope, graph)
+    weights = dict(mode="symmetric", bits=8, per_channel=options.weights_per_channel) | quantization_params(
+        options.weights_quantization_params, "advanced_parameters.weights_quantization_params")
+    activations = dict(mode=mode, bits=8) | quantization_params(
+        options.activations_quantization_params, "advanced_parameters.activations_quantization_params")
     method = quantization(
-        weights=dict(mode="symmetric", bits=8, per_channel=options.weights_per_channel),
-        activations=dict(mode=mode, bits=8),
+        weights=weights,
+        activations=activations,
         ignored_scopes=ignored,
         target_scopes=TRANSFORMER_TARGET_SCOPES if transformer else None,
         range_init=RangeInit(type=ACTIVATION_RANGE_TYPES[options.activations_range_estimator],
@@ -197,7 +203,17 @@ def quantize(
                                      list(q_state.activations), data, subset_size)
         state = map_quantization(state, lambda q: dataclasses.replace(
             q, activations=mse_activation_quantizers(q.activations, samples)))
-    uncorrected: dict[str, Tensor] = {}  # biases before bias correction
+    uncorrected: dict[str, Tensor] = {}  # weights before AdaRound, biases before bias correction
+    if options.adaround not in (None, False):
+        from purecomp.transforms.adaround import adaround_weights
+
+        rounded, report = adaround_weights(work, graph, method, params | dict(work.named_buffers()), state, data,
+                                           options.adaround, num_samples=subset_size)
+        with torch.no_grad():
+            for layer in report.layers:
+                uncorrected[layer.weight] = params[layer.weight].detach().clone()
+                params[layer.weight].copy_(rounded[layer.weight])
+        log.info("AdaRound:\n%s", report.table())
     if not options.disable_bias_correction:
         bc_samples = min(subset_size, options.bias_correction_subset_size or subset_size)
         corrected = bias_correction(work, graph, method, params | dict(work.named_buffers()), state, data,
@@ -210,7 +226,8 @@ def quantize(
     module = CompressedModule(work, method)
     module.set_state(state)
     module.graph = graph
-    module.uncorrected_biases = uncorrected  # what a layer returned to float needs (accuracy control)
+    module.float_values = uncorrected  # what a layer returned to float needs (accuracy control)
+    module.adaround_report = report if options.adaround not in (None, False) else None
     return module.eval()
 
 
