@@ -238,9 +238,21 @@ def _parts(module: CompressedModule) -> tuple[nn.Module, Any, dict[str, Tensor],
         getattr(module, "graph", None)
 
 
-def strip(module: CompressedModule) -> nn.Module:
+def strip(module: nn.Module) -> nn.Module:
     """The materialized form of a ``quantize`` (or ``create_compressed_model``) result: an ordinary
-    eval-mode module with integer weights and export-form quantizers (``export.materialize``)."""
+    eval-mode module with integer weights and export-form quantizers (``export.materialize``). Any
+    other module whose submodules have a ``to_compressed()`` method (the QAT layers of a method
+    package, e.g. ``compress_weights(..., compression_format="fq_lora")``) gets each such submodule
+    replaced by what that method returns, in place."""
+    if not isinstance(module, CompressedModule):
+        found = [(name, m) for name, m in module.named_modules() if name and callable(getattr(m, "to_compressed", None))]
+        if not found:
+            raise ConfigError("model", "expected the module purecomp.quantize returned, or a model with trainable "
+                              f"compressed layers (a to_compressed() method), got {type(module).__name__} with neither")
+        for name, m in found:
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, m.to_compressed())
+        return module
     model, method, params, state, graph = _parts(module)
     return materialize(model, method, params, state, graph)
 

@@ -13,6 +13,7 @@ from .api import (
 from .awq import AWQParameters, awq_scale
 from .compressor import LayerAlgorithm, LayerInputs, LayerResult, data_aware, round_to_nearest
 from .export_onnx import export_compressed, generate_greedy
+from .fq_lora import LoRAQuantizedLinear, add_lora_adapters, lora_parameters, strip_lora
 from .gptq import GPTQParameters
 from .grid import (
     MODES,
@@ -45,6 +46,10 @@ __all__ = [
     "CompressedEmbedding",
     "CompressedLinear",
     "GPTQParameters",
+    "LoRAQuantizedLinear",
+    "add_lora_adapters",
+    "lora_parameters",
+    "strip_lora",
     "Layer",
     "LayerAlgorithm",
     "LayerConfig",

@@ -28,6 +28,7 @@ from purecomp.transforms.ptq.pipeline import calibration_batches
 
 from . import layers as layer_search
 from .compressor import compress
+from .fq_lora import add_lora_adapters, check_format
 from .method import scorer, uses_data, weight_compression
 from .modules import FORMAT, CompressedEmbedding, CompressedLinear
 from .parameters import check_options, resolve
@@ -63,6 +64,7 @@ def compress_weights(
     scale_estimation: bool | None = None,
     gptq: bool | None = None,
     backup_mode: str | None = None,
+    compression_format: str = "dq",
     advanced_parameters: Any = None,
 ) -> nn.Module:
     """Compress the weights of ``model``'s linears and embeddings; returns ``model`` itself,
@@ -86,13 +88,18 @@ def compress_weights(
     each 4-bit layer's input statistics on the ``subset_size`` samples (a second pass over them).
     ``advanced_parameters``: ``AdvancedCompressionParameters`` or a dict
     (``group_size_fallback_mode``: ``error`` / ``ignore`` / ``adjust``; ``min_adjusted_group_size``;
-    ``awq_params``, ``scale_estimation_params``, ``gptq_params``)."""
+    ``awq_params``, ``scale_estimation_params``, ``gptq_params``; ``lora_adapter_rank``).
+    ``compression_format``: ``dq`` (default: packed integers dequantized in ``forward``) or
+    ``fq_lora`` (4-bit modes: after compression, each 4-bit linear becomes a
+    ``LoRAQuantizedLinear`` with a trainable group scale and LoRA adapters, every other parameter
+    frozen, for QAT; ``purecomp.strip`` folds them back; ``fq_lora.py``)."""
     if not isinstance(model, nn.Module):
         raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
     if dataset is not None and not uses_data(mode):
         warn_no_effect("dataset", f"{mode} compresses every layer per output channel without data "
                        "(NNCF's PyTorch backend drops the dataset for the INT8 modes too)")
         dataset = None
+    compression_format = check_format(compression_format, mode)
     check_options(mode, ratio=ratio, group_size=group_size, all_layers=all_layers, has_dataset=dataset is not None,
                   sensitivity_metric=sensitivity_metric, subset_size=subset_size, backup_mode=backup_mode, awq=awq,
                   scale_estimation=scale_estimation, gptq=gptq)
@@ -133,6 +140,8 @@ def compress_weights(
                 model.train(was_training)
     install(model, state)
     log.info("weight compression:\n%s", statistics(None, state))
+    if compression_format == "fq_lora":
+        add_lora_adapters(model, settings.advanced.lora_adapter_rank, settings.mode)
     return model
 
 

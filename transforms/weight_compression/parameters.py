@@ -68,15 +68,21 @@ class AdvancedCompressionParameters:
     at least ``min_adjusted_group_size`` (else the layer goes to the backup precision).
     ``awq_params``, ``scale_estimation_params``, ``gptq_params``: the data-aware algorithms' options
     (``AWQParameters``, ``ScaleEstimationParameters``, ``GPTQParameters`` or dicts of their fields),
-    NNCF's ``AdvancedAWQParameters`` etc. without their ``subset_size``."""
+    NNCF's ``AdvancedAWQParameters`` etc. without their ``subset_size``. ``lora_adapter_rank``
+    (NNCF's name and default, 256): the adapters' rank for ``compression_format="fq_lora"``, capped
+    per layer at its smaller dimension."""
 
     group_size_fallback_mode: str = "error"
     min_adjusted_group_size: int = 32
     awq_params: AWQParameters = AWQParameters()
     scale_estimation_params: ScaleEstimationParameters = ScaleEstimationParameters()
     gptq_params: GPTQParameters = GPTQParameters()
+    lora_adapter_rank: int = 256
 
     def __post_init__(self) -> None:
+        r = self.lora_adapter_rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError("advanced_parameters.lora_adapter_rank", f"expected a positive integer, got {r!r}")
         for key, cls in ALGORITHM_PARAMS.items():
             value = getattr(self, key)
             if isinstance(value, dict):
