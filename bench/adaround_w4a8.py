@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import purecomp as pc  # noqa: E402
-from common import ARCHITECTURES, accuracy, load_dataset, loader, train_epochs  # noqa: E402
 from ptq_cnn import mobilenet_style  # noqa: E402
 
+import purecomp as pc  # noqa: E402
+
+from common import ARCHITECTURES, accuracy, load_dataset, loader, train_epochs  # noqa: E402
 
 
 def narrow_cnn(widths: tuple[int, int, int] = (8, 16, 32), num_classes: int = 10) -> nn.Module:

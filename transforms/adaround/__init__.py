@@ -5,7 +5,14 @@ runs it with ``advanced_parameters={"adaround": True}``."""
 
 from .layer import LayerResult, adaround_layer, reconstruction_error
 from .parameters import AdaRoundParameters
-from .rounding import beta_at, hard_weight, initial_variables, rectified_sigmoid, rounding_regularizer, soft_weight
+from .rounding import (
+    beta_at,
+    hard_weight,
+    initial_variables,
+    rectified_sigmoid,
+    rounding_regularizer,
+    soft_weight,
+)
 from .sequential import AdaRoundLayerReport, AdaRoundReport, adaround_weights, rounding_layers
 
 __all__ = [

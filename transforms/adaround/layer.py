@@ -61,7 +61,7 @@ def adaround_layer(
     target: Tensor,
     weight: Tensor,
     grid: tuple[Tensor, Tensor, int, int],
-    parameters: AdaRoundParameters = AdaRoundParameters(),
+    parameters: AdaRoundParameters | None = None,
     *,
     channel_dim: int = 1,
     on_step: Callable[[int, float], None] | None = None,
@@ -69,6 +69,7 @@ def adaround_layer(
     """AdaRound ``weight`` on ``grid`` = ``(delta, zero_point, qmin, qmax)`` (broadcast to the
     weight): Adam on ``V`` from ``h(V) = frac(u)`` for ``parameters.num_iterations`` steps on random
     batches of (``inputs``, ``target``) rows; returns ``hard_weight``, on the grid."""
+    parameters = parameters or AdaRoundParameters()
     delta, zero_point, qmin, qmax = grid
     weight = weight.detach()
     u = integer_units(weight, delta, zero_point)

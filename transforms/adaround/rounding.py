@@ -16,7 +16,6 @@ variable pushed there by ``f_reg`` stops moving; the final rounding is ``h >= 0.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

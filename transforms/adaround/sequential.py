@@ -19,7 +19,6 @@ from typing import Any
 
 import optree
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -30,12 +29,11 @@ from purecomp.data import take_samples
 from purecomp.errors import ConfigError
 from purecomp.graph import ModelGraph
 from purecomp.intercept import Interceptor, ScopeStack
+from purecomp.transforms.ptq.bias_correction import LAYER_FUNCTIONS, input_quantizers
 
 from .layer import adaround_layer
 from .parameters import AdaRoundParameters
 from .rounding import broadcast_grid
-
-LAYER_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +75,6 @@ def weight_quantizers(state: Any) -> Mapping[str, Any]:
         if isinstance(table, Mapping):
             return table
     raise ConfigError("state", "expected a quantization state with weight quantizers (a `weights` table)")
-
-
-def own_input_quantizers(site: str, sites: Mapping[str, Any], state: Any) -> list[Any]:
-    """The activation transforms on ``site``'s data input: at ``<site>:in0`` and at producers whose
-    consumers include ``site`` (as bias correction reads them)."""
-    members = state if isinstance(state, tuple) else (state,)
-    consumers_of = next((m.consumers_of for m in reversed(members) if hasattr(m, "consumers_of")), None)
-    return [fn for key, fn in sites.items()
-            if key == f"{site}:in0" or (consumers_of is not None and site in consumers_of(key))]
 
 
 def rounding_layers(graph: ModelGraph, quantized: Mapping[str, Any]) -> tuple[list[tuple[str, str, str]],
@@ -183,7 +172,7 @@ def adaround_weights(
                 inputs, template = _record(model, current, sites, batches, site, current[name],
                                            current.get(bias_name), (), False)
             else:
-                own = own_input_quantizers(site, sites, state)
+                own = input_quantizers(site, sites, state)
                 inputs, template = _record(model, reference, {}, batches, site, reference[name],
                                            reference.get(bias_name), own, False)
             target, _ = _record(model, reference, {}, batches, site, reference[name], reference.get(bias_name),

@@ -126,7 +126,7 @@ def awq_scale(weight: Tensor, config: LayerConfig, inputs: LayerInputs,
         cross = d @ gram[:, cols] - d[:, cols] @ g_kk
         wk = w[:, cols]
 
-        def delta_error(dk: Tensor) -> float:
+        def delta_error(dk: Tensor, g_kk: Tensor = g_kk, cross: Tensor = cross) -> float:
             return float(((dk @ g_kk) * dk).sum() + 2 * (dk * cross).sum())
 
         best_err, best_s, best_d = delta_error(d[:, cols]), None, None  # s_K = 1: no scaling

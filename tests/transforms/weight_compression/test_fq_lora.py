@@ -89,7 +89,11 @@ def test_fold_then_requantize_equals_the_numpy_reference(mode, qmin, qmax):
 
 def test_distillation_with_lora_lowers_the_loss_and_the_stripped_model_exports(tmp_path):
     ort = pytest.importorskip("onnxruntime")  # noqa: F841
-    from purecomp.transforms.weight_compression.export_onnx import CausalLMWithCache, export_compressed, session
+    from purecomp.transforms.weight_compression.export_onnx import (
+        CausalLMWithCache,
+        export_compressed,
+        session,
+    )
 
     torch.manual_seed(0)
     teacher = tiny_llama()
