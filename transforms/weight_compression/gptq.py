@@ -51,7 +51,15 @@ from torch import Tensor
 
 from purecomp.errors import ConfigError, NumericalError
 
-from .grid import NF4_CENTERS, NF4_LEVELS, Quantized, compute_scale, mode_spec, quantize, resolve_group_size
+from .grid import (
+    NF4_CENTERS,
+    NF4_LEVELS,
+    Quantized,
+    compute_scale,
+    mode_spec,
+    quantize,
+    resolve_group_size,
+)
 from .layer_inputs import LayerInputs
 from .scale_estimation import ScaleEstimationParameters, estimate_scales, keep_better_rows
 
