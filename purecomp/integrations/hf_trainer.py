@@ -16,11 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purecomp.api import CompressedModule, CompressionController, Config
 from purecomp.checkpoint import save_torch
+from purecomp.distillation import kl_distillation_loss
 from purecomp.errors import CalibrationError, ConfigError, StateError
 
 from .hf_compress import (
@@ -54,8 +56,28 @@ class CompressionCallback(TrainerCallback):
         self.ctrl.scheduler.step()
 
 
+def _save_tensors(model: nn.Module, out: Path) -> None:
+    """``model.safetensors`` with every tensor of ``model.state_dict()`` (each its own copy: tied
+    buffers are written twice) and the HuggingFace config beside it. Non-tensor entries (a
+    compressed layer's ``_extra_state`` format record) are left out: ``save_pretrained`` refuses
+    them."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+               if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(out)
+
+
 class CompressionTrainer(Trainer):
     """``Trainer`` plus compression: ``CompressionTrainer(..., compression_config=config)``.
+
+    ``compression_config=None`` trains a model compressed beforehand as it is (its trainable
+    compressed layers, e.g. ``compress_weights(..., compression_format="fq_lora")``; only the
+    parameters that require grad train); ``teacher_model`` (the float model) replaces the task
+    loss by distillation on the logits at ``distillation_temperature``.
 
     ``compression_config``: an NNCF-style config (``purecomp.Config`` or a dict). The model is
     traced on the first training batch and initialized (range init, ...) on training batches,
@@ -73,8 +95,10 @@ class CompressionTrainer(Trainer):
         model: nn.Module | None = None,
         args: Any = None,
         *,
-        compression_config: Config | Mapping[str, Any],
+        compression_config: Config | Mapping[str, Any] | None,
         compression_state: str | Path | None = None,
+        teacher_model: nn.Module | None = None,
+        distillation_temperature: float = 1.0,
         eager_attention: bool = True,
         float_activation_scopes: Sequence[str] = (),
         grouped_activation_scopes: Sequence[str] = (),
@@ -83,6 +107,15 @@ class CompressionTrainer(Trainer):
     ) -> None:
         if model is None:
             raise CalibrationError("CompressionTrainer needs a model (model_init is not supported)")
+        if teacher_model is not None and not isinstance(teacher_model, nn.Module):
+            raise ConfigError("teacher_model", f"expected a torch.nn.Module, got {type(teacher_model).__name__}")
+        if not isinstance(distillation_temperature, (int, float)) or distillation_temperature <= 0:
+            raise ConfigError("distillation_temperature", f"expected a number > 0, got {distillation_temperature!r}")
+        self.teacher_model = teacher_model
+        self.distillation_temperature = float(distillation_temperature)
+        if compression_config is None:
+            self._init_precompressed(model, args, compression_state, kwargs)
+            return
         super().__init__(model=model, args=args, **kwargs)
         device = next(model.parameters()).device
         options = ActivationOptions(tuple(float_activation_scopes), tuple(grouped_activation_scopes), num_groups)
@@ -116,17 +149,48 @@ class CompressionTrainer(Trainer):
         self._set_signature_columns_if_needed()
         self.model = self.model_wrapped = compressed.to(device)
         self.add_callback(CompressionCallback(self.compression_ctrl))
+        if self.teacher_model is not None:
+            self.teacher_model.to(device).eval()
+
+    def _init_precompressed(self, model: nn.Module, args: Any, compression_state: Any, kwargs: dict) -> None:
+        """No config: ``model`` was compressed already and trains as it is (its trainable compressed
+        layers, those with a ``to_compressed()`` method, e.g. ``compress_weights(...,
+        compression_format="fq_lora")``); no controller, no state file."""
+        if compression_state is not None:
+            raise ConfigError("compression_state", "a compression state belongs to a compression_config; expected "
+                              "None without one")
+        if not any(callable(getattr(m, "to_compressed", None)) for m in model.modules()):
+            raise ConfigError("compression_config", "None needs a model compressed already, with trainable compressed "
+                              "layers (a to_compressed() method, e.g. compress_weights(..., compression_format="
+                              "'fq_lora')); expected a config or such a model")
+        super().__init__(model=model, args=args, **kwargs)
+        self.compression_ctrl = None
+        if self.teacher_model is not None:
+            self.teacher_model.to(next(model.parameters()).device).eval()
 
     @property
     def compressed_module(self) -> CompressedModule:
+        if self.compression_ctrl is None:
+            raise ConfigError("compressed_module", "this trainer was built without a compression_config; the model "
+                              "is self.model")
         return self.compression_ctrl.module
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The Trainer's task loss, plus ``ctrl.loss()`` while training."""
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if not model.training:
+        """The Trainer's task loss, or with ``teacher_model`` the distillation loss
+        ``T^2 KL(p_teacher || p_student)`` on the logits (``purecomp.distillation``), plus
+        ``ctrl.loss()`` while training."""
+        if self.teacher_model is not None:
+            outputs = model(**inputs)
+            with torch.no_grad():
+                teacher = self.teacher_model(**inputs)
+            loss = kl_distillation_loss(outputs.logits, teacher.logits, self.distillation_temperature)
+            result = (loss, outputs) if return_outputs else loss
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        if not model.training or self.compression_ctrl is None:
             return result
         loss, outputs = result if return_outputs else (result, None)
         loss = loss + self.compression_ctrl.loss().to(loss.device)
@@ -142,8 +206,11 @@ class CompressionTrainer(Trainer):
         if not self.args.should_save:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.compressed_module.model.save_pretrained(out)
-        save_compression_state(self.compression_ctrl, out / STATE_FILE, self._trace_batch)
+        if self.compression_ctrl is None:  # a compressed model trained as it is: its own state_dict
+            _save_tensors(self.model, out)
+        else:
+            self.compressed_module.model.save_pretrained(out)
+            save_compression_state(self.compression_ctrl, out / STATE_FILE, self._trace_batch)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
         save_torch(out / "training_args.bin", self.args)
@@ -159,18 +226,22 @@ class CompressionTrainer(Trainer):
     def _load_compressed(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        inner = self.compressed_module.model
+        inner = self.model if self.compression_ctrl is None else self.compressed_module.model
         weights = directory / "model.safetensors"
         if not weights.is_file():
             raise StateError(f"{str(directory)!r} has no model.safetensors; expected a CompressionTrainer checkpoint")
         result = inner.load_state_dict(load_file(str(weights), device=str(self.args.device)), strict=False)
         tied = set(getattr(inner, "all_tied_weights_keys", None) or getattr(inner, "_tied_weights_keys", None) or ())
-        missing = [k for k in result.missing_keys if k not in tied]
+        # without a config, compressed layers describe their format in _extra_state, which the live
+        # modules already hold (_save_tensors writes tensors only)
+        missing = [k for k in result.missing_keys
+                   if k not in tied and not (self.compression_ctrl is None and k.endswith("_extra_state"))]
         if missing or result.unexpected_keys:
             raise StateError(f"{weights} does not fit the model: missing {missing[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")
-        saved, _ = read_compression_state(directory / STATE_FILE)
-        self.compression_ctrl.load_compression_state(saved)
+        if self.compression_ctrl is not None:
+            saved, _ = read_compression_state(directory / STATE_FILE)
+            self.compression_ctrl.load_compression_state(saved)
 
     def export_onnx(self, path: str | Path, example_batch: Mapping[str, Any] | None = None) -> Path:
         """ONNX (QDQ) of the compressed model on ``example_batch`` (default: the tracing batch)."""

@@ -13,6 +13,8 @@ from .api import (
 from .awq import AWQParameters, awq_scale
 from .compressor import LayerAlgorithm, LayerInputs, LayerResult, data_aware, round_to_nearest
 from .export_onnx import export_compressed, generate_greedy
+from purecomp.distillation import kl_distillation_loss
+
 from .fq_lora import LoRAQuantizedLinear, add_lora_adapters, lora_parameters, strip_lora
 from .gptq import GPTQParameters
 from .grid import (
@@ -48,6 +50,7 @@ __all__ = [
     "GPTQParameters",
     "LoRAQuantizedLinear",
     "add_lora_adapters",
+    "kl_distillation_loss",
     "lora_parameters",
     "strip_lora",
     "Layer",

@@ -1,5 +1,5 @@
-"""Knowledge distillation on logits, for QAT of a compressed language model from its float
-original (``compression_format="fq_lora"``)."""
+"""Knowledge distillation on logits: train a compressed model to reproduce its float original's
+output distribution (any method's QAT; ``CompressionTrainer(teacher_model=...)`` uses it)."""
 
 from __future__ import annotations
 
