@@ -3,6 +3,8 @@ INT4 / NF4 grids with groups along the input dimension, mixed precision by layer
 the data-aware algorithms (AWQ, scale estimation, GPTQ), packed storage that dequantizes in
 ``forward``, and the ``weight_compression`` method."""
 
+from purecomp.distillation import kl_distillation_loss
+
 from .api import (
     compress_weights,
     dequantized_weights,
@@ -13,8 +15,6 @@ from .api import (
 from .awq import AWQParameters, awq_scale
 from .compressor import LayerAlgorithm, LayerInputs, LayerResult, data_aware, round_to_nearest
 from .export_onnx import export_compressed, generate_greedy
-from purecomp.distillation import kl_distillation_loss
-
 from .fq_lora import LoRAQuantizedLinear, add_lora_adapters, lora_parameters, strip_lora
 from .gptq import GPTQParameters
 from .grid import (

@@ -28,7 +28,7 @@ from purecomp.transforms.ptq.pipeline import calibration_batches
 
 from . import layers as layer_search
 from .compressor import compress
-from .fq_lora import add_lora_adapters, check_format
+from .fq_lora import add_lora_adapters, check_format, refuse_unstripped
 from .method import scorer, uses_data, weight_compression
 from .modules import FORMAT, CompressedEmbedding, CompressedLinear
 from .parameters import check_options, resolve
@@ -193,6 +193,7 @@ def state_from_model(model: nn.Module) -> WeightCompressionState:
     """The ``WeightCompressionState`` a compressed ``model`` holds (packed weights by the parameter
     names they replaced; float ``nn.Linear`` / ``nn.Embedding`` weights as ``float_weights``). The
     ratio-defining set of the original call is not recorded in the modules and comes back empty."""
+    refuse_unstripped(model, "reading the compression state (saving)")
     weights, kinds, seen = {}, {}, {}
     for path, module in model.named_modules():
         if isinstance(module, (CompressedLinear, CompressedEmbedding)):

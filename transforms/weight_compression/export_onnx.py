@@ -62,6 +62,7 @@ from purecomp.errors import ConfigError
 from purecomp.export.onnx_export import ExportError, strip_metadata
 
 from . import onnx_ops
+from .fq_lora import refuse_unstripped
 from .grid import mode_spec
 from .modules import CompressedEmbedding, CompressedLinear
 from .packing import pack_int4, unpack_int4
@@ -199,6 +200,7 @@ def materialize_nbits(model: nn.Module, *, weight_format: str = "matmul_nbits", 
     ``DequantizeLinear`` rewrite takes any block size; ONNX Runtime then runs it unfused)."""
     if weight_format not in WEIGHT_FORMATS:
         raise ConfigError("weight_format", f"expected one of {list(WEIGHT_FORMATS)}, got {weight_format!r}")
+    refuse_unstripped(model, "ONNX export")
     if fallback not in FALLBACKS:
         raise ConfigError("fallback", f"expected one of {list(FALLBACKS)}, got {fallback!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):

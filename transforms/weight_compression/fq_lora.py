@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from purecomp.errors import ConfigError
+from purecomp.errors import ConfigError, StateError
 
 from .grid import dequantize, mode_spec, quantize_with
 from .modules import CompressedLinear
@@ -164,6 +164,15 @@ def strip_lora(model: nn.Module) -> nn.Module:
         if isinstance(module, LoRAQuantizedLinear):
             _set(model, name, module.to_compressed())
     return model
+
+
+def refuse_unstripped(model: nn.Module, what: str) -> None:
+    """``StateError`` when ``model`` still holds ``LoRAQuantizedLinear`` layers: ``what`` (saving,
+    export) needs the folded, packed form."""
+    found = [name for name, m in model.named_modules() if isinstance(m, LoRAQuantizedLinear)]
+    if found:
+        raise StateError(f"{what} needs packed weights, but {len(found)} layers (e.g. {found[0]!r}) still train "
+                         "LoRA adapters; expected purecomp.strip(model) first, which folds them into INT4")
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -20,6 +20,7 @@ from purecomp.checkpoint import load_record, save_record
 from purecomp.errors import StateError
 
 from .api import load_compressed_state_dict
+from .fq_lora import refuse_unstripped
 
 WEIGHTS_FILE = "purecomp_weights.safetensors"
 FORMAT = "purecomp-compressed-model-1"
@@ -32,6 +33,7 @@ def _storage_key(t: Tensor) -> tuple[int, int, tuple[int, ...], str]:
 def save_compressed(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model``'s packed state (and ``model.config`` when it has ``save_pretrained``) to
     ``directory``; returns the weights file."""
+    refuse_unstripped(model, "save_compressed")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: list[Tensor] = []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import purecomp as pc
+from purecomp.distillation import kl_distillation_loss
 from purecomp.errors import ConfigError
 from purecomp.transforms.weight_compression import (
     CompressedLinear,
@@ -17,7 +18,6 @@ from purecomp.transforms.weight_compression import (
     compress_weights,
     lora_parameters,
 )
-from purecomp.distillation import kl_distillation_loss
 
 pytest.importorskip("transformers")
 
@@ -129,6 +129,19 @@ def test_distillation_with_lora_lowers_the_loss_and_the_stripped_model_exports(t
         expected = wrapper(*args)[0].numpy()
     got = session(path, threads=1).run(["logits"], {n: a.numpy() for n, a in zip(wrapper.input_names(), args)})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+def test_saving_or_exporting_an_unstripped_model_is_refused(tmp_path):
+    from purecomp.errors import StateError
+    from purecomp.transforms.weight_compression import save_compressed
+    from purecomp.transforms.weight_compression.export_onnx import export_compressed
+
+    model = compress_weights(tiny_llama(), mode="int4_sym", group_size=32, compression_format="fq_lora",
+                             advanced_parameters={"lora_adapter_rank": 4})
+    with pytest.raises(StateError, match="purecomp.strip"):
+        save_compressed(model, tmp_path / "saved")
+    with pytest.raises(StateError, match="purecomp.strip"):
+        export_compressed(model, tmp_path / "model.onnx")
 
 
 def test_fq_lora_refuses_bad_options_by_name():
