@@ -9,9 +9,15 @@ written by people, not generated, and never used for calibration), concatenated 
 the first ``--tokens`` tokens (default 4096), cut into windows of ``--window`` tokens (default 512)
 that are scored independently. Perplexity ``exp(mean NLL)`` over every predicted token.
 
-Variants (all data-free, round-to-nearest): FP32, ``int8_asym`` per channel, ``int4_sym`` and
+Variants, data-free round-to-nearest: FP32, ``int8_asym`` per channel, ``int4_sym`` and
 ``int4_asym`` with groups of 128 and 64 (NNCF's defaults otherwise: ratio 1, embeddings / LM
-head in ``int8_asym``). SmolLM2's hidden size 576 is not a multiple of 128: the ``g128`` rows use
+head in ``int8_asym``), and ``int4_sym`` g128 ``ratio=0.8`` (``r08_free``: 4-bit layers chosen by
+``weight_quantization_error``). Data-aware, ``int4_sym`` g128 ``ratio=0.8`` with a dataset (layers
+chosen by ``max_activation_variance``): round-to-nearest (``r08``), + AWQ + scale estimation,
++ GPTQ, + GPTQ + scale estimation, + AWQ + GPTQ + scale estimation, and GPTQ with NNCF's damping
+0.1 or without act-order (``r08_gptq_damp0.1``, ``r08_gptq_no_act_order``). Calibration text (never the
+evaluation text): the chapters "Compound statements", "Sequence types" and "Special method names"
+of the same ``pydoc_data.topics``, the first 128 windows of 128 tokens (``subset_size=128``). SmolLM2's hidden size 576 is not a multiple of 128: the ``g128`` rows use
 NNCF's ``group_size_fallback_mode="adjust"``, so the 576-input layers (q, k, v, o, gate, up) take
 groups of 64 and only ``down_proj`` (1536 inputs) keeps 128.
 
@@ -41,6 +47,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the model comes 
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOPICS = ("execmodel", "import", "objects")
+CALIBRATION_TOPICS = ("compound", "typesseq", "specialnames")  # disjoint from TOPICS
+CALIBRATION_WINDOWS, CALIBRATION_LENGTH = 128, 128
+R08 = dict(mode="int4_sym", group_size=128, ratio=0.8)
 VARIANTS = {
     "fp32": None,
     "int8_asym": dict(mode="int8_asym"),
@@ -48,6 +57,15 @@ VARIANTS = {
     "int4_sym_g64": dict(mode="int4_sym", group_size=64),
     "int4_asym_g128": dict(mode="int4_asym", group_size=128),
     "int4_asym_g64": dict(mode="int4_asym", group_size=64),
+    "int4_sym_g128_r08_free": dict(R08),
+    "int4_sym_g128_r08": dict(R08, dataset=True),
+    "r08_awq_se": dict(R08, dataset=True, awq=True, scale_estimation=True),
+    "r08_gptq": dict(R08, dataset=True, gptq=True),
+    "r08_gptq_se": dict(R08, dataset=True, gptq=True, scale_estimation=True),
+    "r08_awq_gptq_se": dict(R08, dataset=True, awq=True, gptq=True, scale_estimation=True),
+    # GPTQ's options: NNCF's damping (0.1 instead of purecomp's 0.01), and channel order (no act-order)
+    "r08_gptq_damp0.1": dict(R08, dataset=True, gptq=True, advanced={"gptq_params": {"damp_percent": 0.1}}),
+    "r08_gptq_no_act_order": dict(R08, dataset=True, gptq=True, advanced={"gptq_params": {"act_order": False}}),
 }
 
 
@@ -67,10 +85,10 @@ def release_memory() -> None:
         pass
 
 
-def text() -> str:
+def text(names: tuple[str, ...] = TOPICS) -> str:
     import pydoc_data.topics as topics
 
-    return "\n\n".join(topics.topics[name] for name in TOPICS)
+    return "\n\n".join(topics.topics[name] for name in names)
 
 
 def folder() -> Path:
@@ -95,10 +113,16 @@ def child(variant: str, tokens: int, window: int, threads: int) -> dict:
     ids = tokenizer(text(), return_tensors="pt").input_ids[0, :tokens]
     if ids.numel() < tokens:
         sys.exit(f"the text has only {ids.numel()} tokens")
-    options = VARIANTS[variant]
+    options = None if VARIANTS[variant] is None else dict(VARIANTS[variant])
     seconds = 0.0
     if options is not None:
+        if options.pop("dataset", False):
+            calibration = tokenizer(text(CALIBRATION_TOPICS), return_tensors="pt").input_ids[0]
+            options["dataset"] = [calibration[i * CALIBRATION_LENGTH:(i + 1) * CALIBRATION_LENGTH].unsqueeze(0)
+                                  for i in range(CALIBRATION_WINDOWS)]
         fallback = {"group_size_fallback_mode": "adjust"} if options.get("group_size") else None
+        if options.get("advanced"):
+            fallback = {**(fallback or {}), **options.pop("advanced")}
         start = time.perf_counter()
         pc.compress_weights(model, advanced_parameters=fallback, **options)
         seconds = time.perf_counter() - start
@@ -144,12 +168,12 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, perplexity on {results[0]['predicted']} predicted tokens of pydoc_data.topics "
           f"{'+'.join(TOPICS)} (Python {sys.version.split()[0]}), windows of {args.window}, "
           f"torch {torch.__version__}, {args.threads} threads")
-    header = f"{'variant':<16}{'ppl':>9}{'vs fp32':>9}{'compress s':>12}{'tensors MiB':>13}{'RSS MiB':>9}{'RSS-imports':>13}"
+    header = f"{'variant':<24}{'ppl':>9}{'vs fp32':>9}{'compress s':>12}{'tensors MiB':>13}{'RSS MiB':>9}{'RSS-imports':>13}"
     print(header)
     print("-" * len(header))
     for r in results:
         rel = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if base else ""
-        print(f"{r['variant']:<16}{r['ppl']:>9.3f}{rel:>9}{r['seconds']:>12.1f}{r['tensor_mib']:>13.1f}"
+        print(f"{r['variant']:<24}{r['ppl']:>9.3f}{rel:>9}{r['seconds']:>12.1f}{r['tensor_mib']:>13.1f}"
               f"{r['rss_mib']:>9.0f}{r['rss_model_mib']:>13.0f}")
 
 
