@@ -100,8 +100,10 @@ def _eager_attention(model: nn.Module) -> None:
             return
 
 
-def _add_zero_biases(model: nn.Module, graph: ModelGraph) -> None:
-    """Give every conv / linear without a bias a zero one, so bias correction has a place to write."""
+def _add_zero_biases(model: nn.Module, graph: ModelGraph) -> bool:
+    """Give every conv / linear without a bias a zero one, so bias correction has a place to write;
+    whether any was added (the graph then needs a new trace to see the new parameters)."""
+    added = False
     for node in graph:
         if node.op not in CORRECTED_OPS or not node.scope or node.index != 0:
             continue
@@ -109,6 +111,8 @@ def _add_zero_biases(model: nn.Module, graph: ModelGraph) -> None:
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is None:
             out = module.out_channels if not isinstance(module, nn.Linear) else module.out_features
             module.bias = nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+            added = True
+    return added
 
 
 def _ignored(ignored_scope: IgnoredScope | Sequence[str] | None, graph: ModelGraph) -> list[str]:
@@ -165,8 +169,7 @@ def quantize(
             absorb_high_biases(work, graph, pairs, data, subset_size)
         graph = _trace(work, batches)
         log.info("cross-layer equalization: %d pairs", len(pairs))
-    if not options.disable_bias_correction:
-        _add_zero_biases(work, graph)
+    if not options.disable_bias_correction and _add_zero_biases(work, graph):
         graph = _trace(work, batches)
     mode = PRESETS[preset or ("mixed" if transformer else "performance")]  # NNCF's defaults per model type
     low, high = options.activations_percentiles
