@@ -32,14 +32,16 @@ LayerFn = Callable[[Tensor, Tensor], Tensor]  # (input rows, weight) -> output r
 @dataclasses.dataclass(frozen=True)
 class LayerResult:
     """The rounded weight and what the optimization did: reconstruction errors (the loss's first
-    term on every sample) of round-to-nearest and of AdaRound, the share of ``h`` at exactly 0 or
-    1 at the end, and the share of weights rounded the other way from nearest."""
+    term on every sample) of round-to-nearest and of the result, the share of ``h`` at exactly 0
+    or 1 at the end, the share of weights rounded the other way from nearest, and whether the
+    learned rounding lost to nearest on the calibration samples (then nearest is the result)."""
 
     weight: Tensor
     error_nearest: float
     error_adaround: float
     settled: float
     flipped: float
+    kept_nearest: bool = False
 
 
 def reconstruction_error(out: Tensor, target: Tensor, channel_dim: int) -> Tensor:
@@ -68,7 +70,9 @@ def adaround_layer(
 ) -> LayerResult:
     """AdaRound ``weight`` on ``grid`` = ``(delta, zero_point, qmin, qmax)`` (broadcast to the
     weight): Adam on ``V`` from ``h(V) = frac(u)`` for ``parameters.num_iterations`` steps on random
-    batches of (``inputs``, ``target``) rows; returns ``hard_weight``, on the grid."""
+    batches of (``inputs``, ``target``) rows; returns ``hard_weight``, on the grid, or nearest
+    rounding when that reconstructs the calibration samples better (the relaxation can lose to
+    it on a layer whose errors are tiny)."""
     parameters = parameters or AdaRoundParameters()
     delta, zero_point, qmin, qmax = grid
     weight = weight.detach()
@@ -96,10 +100,15 @@ def adaround_layer(
     rounded = hard_weight(floor_u, v, delta, zero_point, qmin, qmax)
     nearest = nearest_weight(weight, delta, zero_point, qmin, qmax)
     h = rectified_sigmoid(v)
+    error_nearest = _full_error(layer, inputs, target, nearest, channel_dim)
+    error_adaround = _full_error(layer, inputs, target, rounded, channel_dim)
+    kept_nearest = error_adaround > error_nearest  # never worse than nearest on the layer's objective
+    chosen = nearest if kept_nearest else rounded
     return LayerResult(
-        weight=rounded,
-        error_nearest=_full_error(layer, inputs, target, nearest, channel_dim),
-        error_adaround=_full_error(layer, inputs, target, rounded, channel_dim),
+        weight=chosen,
+        error_nearest=error_nearest,
+        error_adaround=min(error_adaround, error_nearest),
         settled=float(((h == 0) | (h == 1)).float().mean()),
-        flipped=float((rounded != nearest).float().mean()),
+        flipped=float((chosen != nearest).float().mean()),
+        kept_nearest=kept_nearest,
     )

@@ -30,6 +30,7 @@ from purecomp.errors import ConfigError
 from purecomp.graph import ModelGraph
 from purecomp.intercept import Interceptor, ScopeStack
 from purecomp.transforms.ptq.bias_correction import LAYER_FUNCTIONS, input_quantizers
+from purecomp.transforms.ptq.chain_state import without_quantization
 
 from .layer import adaround_layer
 from .parameters import AdaRoundParameters
@@ -45,6 +46,7 @@ class AdaRoundLayerReport:
     settled: float
     flipped: float
     seconds: float
+    kept_nearest: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class AdaRoundReport:
     def table(self) -> str:
         rows = ["layer                           error nearest  error AdaRound  settled  flipped  seconds"]
         rows += [f"{r.site:<32}{r.error_nearest:>13.4g}{r.error_adaround:>16.4g}{r.settled:>9.3f}{r.flipped:>9.3f}"
-                 f"{r.seconds:>9.1f}" for r in self.layers]
+                 f"{r.seconds:>9.1f}{'  (nearest kept)' if r.kept_nearest else ''}" for r in self.layers]
         rows.append(f"peak buffered activations {self.peak_buffer_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s")
         rows += [f"skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(rows)
@@ -77,15 +79,21 @@ def weight_quantizers(state: Any) -> Mapping[str, Any]:
     raise ConfigError("state", "expected a quantization state with weight quantizers (a `weights` table)")
 
 
-def rounding_layers(graph: ModelGraph, quantized: Mapping[str, Any]) -> tuple[list[tuple[str, str, str]],
-                                                                             list[tuple[str, str]]]:
+def rounding_layers(model: nn.Module, graph: ModelGraph, quantized: Mapping[str, Any]) -> tuple[
+        list[tuple[str, str, str]], list[tuple[str, str]]]:
     """``(site, kind, weight name)`` of every conv / linear call (graph order) whose weight has a
     quantizer in ``quantized``, and ``(weight, reason)`` for weights left out: read by several
-    calls (no single input to reconstruct)."""
+    calls (no single input to reconstruct), whether one module is called twice or several modules
+    share the parameter. Calls are counted per parameter object, named as ``quantized`` names it."""
+    canonical = {id(p): name for name, p in model.named_parameters()}  # the first name of each parameter
     calls: dict[str, list[tuple[str, str]]] = {}
     for node in graph:
-        if node.op in LAYER_FUNCTIONS and node.scope and f"{node.scope}.weight" in quantized:
-            calls.setdefault(f"{node.scope}.weight", []).append((node.site, node.op))
+        if node.op not in LAYER_FUNCTIONS or not node.scope:
+            continue
+        weight = getattr(model.get_submodule(node.scope), "weight", None)
+        name = canonical.get(id(weight))
+        if name is not None and name in quantized:
+            calls.setdefault(name, []).append((node.site, node.op))
     layers, skipped = [], []
     for name, found in calls.items():
         if len(found) > 1:
@@ -128,6 +136,11 @@ def _record(model: nn.Module, params: Mapping[str, Tensor], sites: Mapping[str, 
                 functional_call(model, dict(params), args, kwargs)
     if not kept:
         raise ConfigError("layers", f"{site} was not called on the calibration data")
+    shapes = {tuple(t.shape[1:]) for t in kept}
+    if len(shapes) > 1:
+        raise ConfigError("calibration data", f"{site} received inputs of shapes {sorted(shapes)} beyond the batch "
+                          "axis; AdaRound stacks a layer's calibration inputs, expected samples of one shape "
+                          "(for text, windows of one length)")
     return torch.cat(kept), template
 
 
@@ -142,18 +155,25 @@ def adaround_weights(
     *,
     num_samples: int = 300,
     progress_bar: bool = True,
+    path: str = "adaround",
 ) -> tuple[dict[str, Tensor], AdaRoundReport]:
     """``params`` with the weight of every single-call conv / linear that ``method``'s ``state``
     quantizes replaced by its AdaRound rounding on that quantizer's grid (module docstring), and
     the report. ``model`` is only called (functionally); ``params`` is not modified. Applying
     ``method`` to the result reproduces the rounded weights (they lie on the grid)."""
-    options = AdaRoundParameters.of(parameters)
+    options = AdaRoundParameters.of(parameters, path)
     count = min(num_samples, options.num_samples or num_samples)
     batches = list(take_samples(data, count, "AdaRound"))
     state = with_training(state, False)
     quantizers = weight_quantizers(state)
-    layers, skipped = rounding_layers(graph, quantizers)
+    layers, skipped = rounding_layers(model, graph, quantizers)
     reference = {k: v.detach() for k, v in params.items()}  # the float model: targets (and inputs unless sequential)
+    before_quantizers = method.params(reference, without_quantization(state))
+    transformed = [name for _, _, name in layers if not torch.equal(before_quantizers[name], reference[name])]
+    if transformed:
+        raise ConfigError("adaround", f"{len(transformed)} weights (e.g. {transformed[0]!r}) are transformed before "
+                          "their quantizer (SmoothQuant, for one), and AdaRound rounds the model's own weights; "
+                          "expected a method that only quantizes them")
     out = dict(reference)
     sites = method.sites(state)
     was_training = model.training
@@ -197,7 +217,8 @@ def adaround_weights(
             out[name] = result.weight.to(weight.dtype)
             del inputs, target
             reports.append(AdaRoundLayerReport(site, name, result.error_nearest, result.error_adaround,
-                                               result.settled, result.flipped, time.perf_counter() - layer_start))
+                                               result.settled, result.flipped, time.perf_counter() - layer_start,
+                                               result.kept_nearest))
             bar.set_postfix(error=f"{result.error_nearest:.3g}->{result.error_adaround:.3g}")
     finally:
         bar.close()

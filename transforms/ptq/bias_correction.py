@@ -142,14 +142,18 @@ def bias_correction(
     fast: bool = True,
     layers: Sequence[str] | None = None,
     progress_bar: bool = True,
+    quantized_weights: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``params`` with the bias of every correctable layer (``correctable_layers`` of the weights
     ``method`` transforms, or the sites in ``layers``) corrected by the mean error its
-    quantization causes; the float reference is ``model`` with ``params`` as they are."""
+    quantization causes; the float reference is ``model`` with ``params`` as they are.
+    ``quantized_weights``: weights the quantized side uses instead of ``params``' (AdaRound's
+    rounding; the method's quantizers then apply to them)."""
     batches = list(take_samples(data, num_samples, "bias correction"))
     state = with_training(state, False)
-    quantized = method.params(params, state)
-    changed = {k for k in quantized if quantized[k] is not params.get(k)}
+    on_quantized_side = dict(params) | dict(quantized_weights or {})
+    quantized = method.params(on_quantized_side, state)
+    changed = {k for k in quantized if quantized[k] is not on_quantized_side.get(k)} | set(quantized_weights or {})
     sites_of = layers if layers is not None else correctable_layers(graph, params, changed)
     keys = [f"{site}:out0" for site in sites_of]
     was_training = model.training
@@ -165,7 +169,7 @@ def bias_correction(
             return out
         reference = _means(model, params, {}, keys, batches)
         for key in tqdm(keys, desc="bias correction", disable=not progress_bar or None, leave=False):
-            current = method.params(out, state)
+            current = method.params(out | dict(quantized_weights or {}), state)
             measured = _means(model, current, method.sites(state), [key], batches)
             bias = f"{key.rpartition('/')[0]}.bias"
             out[bias] = (out[bias].detach() + (reference[key] - measured[key]).to(out[bias].dtype))

@@ -124,7 +124,7 @@ class AdvancedQuantizationParameters:
         if self.adaround not in (None, False):
             from purecomp.transforms.adaround import AdaRoundParameters
 
-            AdaRoundParameters.of(self.adaround)
+            AdaRoundParameters.of(self.adaround, "advanced_parameters.adaround")
         if self.weights_range_estimator not in WEIGHT_ESTIMATORS:
             raise ConfigError("advanced_parameters.weights_range_estimator",
                               f"expected one of {list(WEIGHT_ESTIMATORS)}, got {self.weights_range_estimator!r}")

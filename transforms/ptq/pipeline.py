@@ -190,6 +190,10 @@ def quantize(
         origin="quantize.",
     )
     alpha = options.matmul_alpha
+    if transformer and alpha >= 0 and options.adaround not in (None, False):
+        raise ConfigError("advanced_parameters.adaround", "AdaRound rounds the model's own weights and SmoothQuant "
+                          "scales them first; expected adaround off, or smooth_quant_alphas={'matmul': -1} with "
+                          "model_type='transformer'")
     if transformer and alpha >= 0:
         method = chain(smooth_quant(alpha, ignored_scopes=ignored, num_samples=subset_size), method)
     params = dict(work.named_parameters())
@@ -211,7 +215,8 @@ def quantize(
         from purecomp.transforms.adaround import adaround_weights
 
         rounded, report = adaround_weights(work, graph, method, params | dict(work.named_buffers()), state, data,
-                                           options.adaround, num_samples=subset_size)
+                                           options.adaround, num_samples=subset_size,
+                                           path="advanced_parameters.adaround")
         with torch.no_grad():
             for layer in report.layers:
                 uncorrected[layer.weight] = params[layer.weight].detach().clone()
@@ -219,11 +224,14 @@ def quantize(
         log.info("AdaRound:\n%s", report.table())
     if not options.disable_bias_correction:
         bc_samples = min(subset_size, options.bias_correction_subset_size or subset_size)
-        corrected = bias_correction(work, graph, method, params | dict(work.named_buffers()), state, data,
-                                    bc_samples, fast=fast_bias_correction)
+        # the float model is the reference; AdaRound's weights, where it ran, are the quantized side
+        rounded_weights = {name: params[name] for name in uncorrected}
+        reference = params | dict(work.named_buffers()) | uncorrected
+        corrected = bias_correction(work, graph, method, reference, state, data, bc_samples,
+                                    fast=fast_bias_correction, quantized_weights=rounded_weights)
         with torch.no_grad():
             for name, p in params.items():
-                if corrected[name] is not p:
+                if name not in rounded_weights and corrected[name] is not reference[name]:
                     uncorrected[name] = p.detach().clone()
                     p.copy_(corrected[name])
     module = CompressedModule(work, method)
@@ -255,7 +263,7 @@ def strip(module: nn.Module) -> nn.Module:
         for name, m in found:
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, m.to_compressed())
-        return module
+        return module.eval()
     model, method, params, state, graph = _parts(module)
     return materialize(model, method, params, state, graph)
 

@@ -98,6 +98,17 @@ def test_layer_ends_with_variables_at_0_or_1_on_the_grid_and_below_nearest():
     assert result.flipped == pytest.approx(float((result.weight != nearest).float().mean()))
 
 
+def test_layer_keeps_nearest_rounding_when_the_learned_one_reconstructs_worse():
+    w, x, y, scale = _linear_problem()
+    delta, zero = broadcast_grid(scale, torch.zeros(12), w, 0)
+    # five wild Adam steps scatter the rounding: it must lose to nearest, which is then kept
+    result = adaround_layer(lambda inp, weight: inp @ weight.T, x, y, w, (delta, zero, -8, 7),
+                            AdaRoundParameters(num_iterations=5, learning_rate=50.0, warm_start=0.0), channel_dim=-1)
+    assert result.kept_nearest and result.flipped == 0.0
+    torch.testing.assert_close(result.weight, nearest_weight(w, delta, zero, -8, 7), rtol=0, atol=0)
+    assert result.error_adaround == result.error_nearest
+
+
 def test_parameters_refuse_bad_values_by_name():
     with pytest.raises(ConfigError, match="adaround.num_iterations"):
         AdaRoundParameters(num_iterations=0)
@@ -158,6 +169,63 @@ def test_sequential_mode_records_the_quantized_models_input():
     quantizers = weight_quantizers(state)
     for name in ("first.weight", "second.weight"):
         torch.testing.assert_close(quantizers[name](rounded[name]), rounded[name], rtol=0, atol=1e-6)
+
+
+def test_shared_weights_are_skipped_by_name():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    data = [torch.randn(8, 16) for _ in range(2)]
+    graph, method, params, state = _quantized_state(model, data)
+    rounded, report = adaround_weights(model, graph, method, params, state, [(x,) for x in data],
+                                       dict(num_iterations=5), num_samples=16, progress_bar=False)
+    assert [r.weight for r in report.layers] == ["c.weight"]
+    assert report.skipped == (("a.weight", "read by 2 calls"),)
+    assert torch.equal(rounded["a.weight"], params["a.weight"])
+
+
+def test_weights_transformed_before_their_quantizer_are_refused():
+    from purecomp.transforms.smooth_quant import smooth_quant
+
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    data = [torch.randn(8, 16) * torch.linspace(0.1, 10, 16) for _ in range(2)]
+    graph = pc.trace(model, (data[0],))
+    method = pc.chain(smooth_quant(0.5), pc.quantization(weights=dict(mode="symmetric", bits=4, per_channel=True),
+                                                         activations=dict(mode="asymmetric", bits=8)))
+    params = dict(model.named_parameters())
+    state = method.init(graph, params, [(x,) for x in data], calibration_mode="eval")
+    with pytest.raises(ConfigError, match="transformed before their quantizer"):
+        adaround_weights(model, graph, method, params, state, [(x,) for x in data], dict(num_iterations=5),
+                         num_samples=16, progress_bar=False)
+
+
+def test_bias_correction_after_adaround_corrects_the_rounding_of_the_weights():
+    """Bias correction measures AdaRound's weights against the float ones (not against themselves):
+    the output mean of a layer whose inputs have mean 1 is corrected channel by channel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64)).eval()
+    data = [torch.randn(32, 32) + 1 for _ in range(4)]
+    advanced = {"weights_quantization_params": {"num_bits": 3}, "adaround": {"num_iterations": 100},
+                "bias_correction_subset_size": None}
+
+    def mean_error(q: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.stack([(q(x) - model(x)).mean(0) for x in data]).mean(0).abs().max())
+
+    corrected = pc.quantize(model, pc.Dataset(data), subset_size=128, advanced_parameters=advanced)
+    uncorrected = pc.quantize(model, pc.Dataset(data), subset_size=128,
+                              advanced_parameters=advanced | {"disable_bias_correction": True})
+    assert mean_error(uncorrected) > 10 * mean_error(corrected)
+    assert mean_error(corrected) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -234,5 +302,7 @@ def test_quantize_refuses_bad_quantization_params_by_name(resnet_and_data):
     with pytest.raises(ConfigError, match="signedness_to_force"):
         pc.quantize(model, pc.Dataset(data),
                     advanced_parameters={"activations_quantization_params": {"signedness_to_force": True}})
-    with pytest.raises(ConfigError, match="adaround.reg_param"):
+    with pytest.raises(ConfigError, match="advanced_parameters.adaround.reg_param"):
         pc.quantize(model, pc.Dataset(data), advanced_parameters={"adaround": {"reg_param": -1}})
+    with pytest.raises(ConfigError, match="adaround.learning_rate"):
+        AdaRoundParameters(learning_rate=True)
