@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_weights import CALIBRATION_TOPICS, GGUF, folder, text  # noqa: E402
 
 import purecomp as pc  # noqa: E402
-from purecomp.transforms.weight_compression import lora_parameters  # noqa: E402
 from purecomp.distillation import kl_distillation_loss  # noqa: E402
+from purecomp.transforms.weight_compression import lora_parameters  # noqa: E402
 
 ADJUST = {"group_size_fallback_mode": "adjust"}
 

@@ -113,6 +113,8 @@ class CompressionTrainer(Trainer):
             raise ConfigError("distillation_temperature", f"expected a number > 0, got {distillation_temperature!r}")
         self.teacher_model = teacher_model
         self.distillation_temperature = float(distillation_temperature)
+        if teacher_model is not None:
+            self.loss_is_scaled_for_ga = False  # the distillation loss is a per-batch mean: the Trainer divides it
         if compression_config is None:
             self._init_precompressed(model, args, compression_state, kwargs)
             return
@@ -185,7 +187,8 @@ class CompressionTrainer(Trainer):
             outputs = model(**inputs)
             with torch.no_grad():
                 teacher = self.teacher_model(**inputs)
-            loss = kl_distillation_loss(outputs.logits, teacher.logits, self.distillation_temperature)
+            loss = kl_distillation_loss(outputs.logits, teacher.logits, self.distillation_temperature,
+                                        mask=inputs.get("attention_mask"))
             result = (loss, outputs) if return_outputs else loss
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -83,8 +83,10 @@ class LoRAQuantizedLinear(nn.Module):
         self.log_scale_factor = nn.Parameter(torch.zeros_like(self.base_scale))  # t: s = s0 exp(t)
         # LoRA's usual start: A uniform in +-1/sqrt(in) (kaiming with a = sqrt(5)), B = 0, so B A = 0
         bound = 1 / math.sqrt(in_features)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
-        self.lora_B = nn.Parameter(torch.zeros(out, rank))
+        device = packed.data.device
+        a = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)  # CPU generator
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(out, rank, device=device))
         self.bias = None if compressed.bias is None else nn.Parameter(compressed.bias.detach().clone(),
                                                                        requires_grad=False)
 

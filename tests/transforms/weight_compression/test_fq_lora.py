@@ -205,3 +205,39 @@ def test_compression_trainer_distills_an_fq_lora_model_and_checkpoints_it(tmp_pa
     with pytest.raises(ConfigError, match="compression_config"):
         CompressionTrainer(tiny_llama(), args, compression_config=None, teacher_model=teacher,
                            train_dataset=TokenWindows(batches(2, 1)))
+
+
+def test_kl_distillation_loss_averages_over_the_masked_positions_only():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    log_s, log_t = student.log_softmax(-1).double(), teacher.log_softmax(-1).double()
+    per_token = (log_t.exp() * (log_t - log_s)).sum(-1)  # KL(p_t || p_s) per position
+    expected = float(per_token[mask.bool()].mean())
+    assert float(kl_distillation_loss(student, teacher, mask=mask)) == pytest.approx(expected, rel=1e-5)
+    assert float(kl_distillation_loss(student, teacher)) == pytest.approx(float(per_token.mean()), rel=1e-5)
+
+
+def test_compression_trainer_distillation_loss_is_not_scaled_by_gradient_accumulation(tmp_path):
+    from transformers import TrainingArguments
+
+    from purecomp.integrations.hf_trainer import CompressionTrainer
+
+    class WithLabels(TokenWindows):
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+    teacher = tiny_llama()
+    student = compress_weights(copy.deepcopy(teacher), mode="int4_sym", group_size=32, compression_format="fq_lora",
+                               advanced_parameters={"lora_adapter_rank": 4})
+    data = batches(2, 1)
+    with torch.no_grad():
+        direct = float(sum(kl_distillation_loss(student(ids).logits, teacher(ids).logits) for ids in data)) / 2
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=1e-9, logging_steps=1, report_to=[], use_cpu=True,
+                             save_strategy="no")
+    trainer = CompressionTrainer(student, args, compression_config=None, teacher_model=teacher,
+                                 train_dataset=WithLabels(data))
+    trainer.train()
+    logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    assert float(logged) == pytest.approx(direct, rel=0.05)  # twice as large before the fix
