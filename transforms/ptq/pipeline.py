@@ -36,7 +36,7 @@ from purecomp.integrations.hf_compress import TRANSFORMER_TARGET_SCOPES, use_eag
 from purecomp.transforms.quantize import RangeInit, quantization
 from purecomp.transforms.smooth_quant import smooth_quant
 
-from .bias_correction import CORRECTED_OPS, bias_correction
+from .bias_correction import CORRECTED_OPS, bias_correction, correctable_layers
 from .chain_state import map_quantization, quantization_state, without_quantization
 from .dataset import Dataset, model_inputs
 from .equalization import absorb_high_biases, cross_layer_equalization
@@ -224,11 +224,17 @@ def quantize(
         log.info("AdaRound:\n%s", report.table())
     if not options.disable_bias_correction:
         bc_samples = min(subset_size, options.bias_correction_subset_size or subset_size)
-        # the float model is the reference; AdaRound's weights, where it ran, are the quantized side
+        # the float model is the reference; AdaRound's weights, where it ran, are the quantized side.
+        # AdaRound's layers are left out: their reconstruction already fits the output (its mean
+        # included) from the quantized model's input, which the fast variant's float-input
+        # measurement would undo (docs/ptq.md, AdaRound)
         rounded_weights = {name: params[name] for name in uncorrected}
         reference = params | dict(work.named_buffers()) | uncorrected
+        sites = [site for site in correctable_layers(graph, reference, quantization_state(state).weights)
+                 if f"{site.rpartition('/')[0]}.weight" not in rounded_weights]
         corrected = bias_correction(work, graph, method, reference, state, data, bc_samples,
-                                    fast=fast_bias_correction, quantized_weights=rounded_weights)
+                                    fast=fast_bias_correction, quantized_weights=rounded_weights,
+                                    layers=sites if rounded_weights else None)
         with torch.no_grad():
             for name, p in params.items():
                 if name not in rounded_weights and corrected[name] is not reference[name]:

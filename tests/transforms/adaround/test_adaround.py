@@ -208,24 +208,47 @@ def test_weights_transformed_before_their_quantizer_are_refused():
                          num_samples=16, progress_bar=False)
 
 
-def test_bias_correction_after_adaround_corrects_the_rounding_of_the_weights():
-    """Bias correction measures AdaRound's weights against the float ones (not against themselves):
-    the output mean of a layer whose inputs have mean 1 is corrected channel by channel."""
+def test_bias_correction_measures_given_rounded_weights_against_the_float_ones():
+    """``bias_correction(..., quantized_weights=...)``: the quantized side uses those weights (AdaRound's),
+    the float model stays the reference, so the rounding's output mean is corrected channel by channel
+    (measuring the rounded weights against themselves would correct nothing)."""
+    from purecomp.transforms.ptq import bias_correction
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64)).eval()
     data = [torch.randn(32, 32) + 1 for _ in range(4)]
-    advanced = {"weights_quantization_params": {"num_bits": 3}, "adaround": {"num_iterations": 100},
-                "bias_correction_subset_size": None}
+    graph, method, params, state = _quantized_state(model, data, bits=3)
+    rounded, _ = adaround_weights(model, graph, method, params, state, [(x,) for x in data], dict(num_iterations=100),
+                                  num_samples=128, progress_bar=False)
+    batches = [(x,) for x in data]
 
-    def mean_error(q: nn.Module) -> float:
+    def mean_error(p: dict) -> float:  # of the quantized model (weights and input quantizer) against the float one
+        from purecomp.apply import call_with_sites
+
+        q, sites = method.params(p, state), method.sites(state)
         with torch.no_grad():
-            return float(torch.stack([(q(x) - model(x)).mean(0) for x in data]).mean(0).abs().max())
+            return float(torch.stack([(call_with_sites(model, q, sites, (x,), {}) - model(x)).mean(0)
+                                      for x in data]).mean(0).abs().max())
 
-    corrected = pc.quantize(model, pc.Dataset(data), subset_size=128, advanced_parameters=advanced)
-    uncorrected = pc.quantize(model, pc.Dataset(data), subset_size=128,
-                              advanced_parameters=advanced | {"disable_bias_correction": True})
-    assert mean_error(uncorrected) > 10 * mean_error(corrected)
-    assert mean_error(corrected) < 1e-3
+    float_params = {k: v.detach() for k, v in params.items()}
+    corrected = bias_correction(model, graph, method, float_params, state, batches, 128, progress_bar=False,
+                                quantized_weights={"0.weight": rounded["0.weight"]})
+    against_themselves = bias_correction(model, graph, method, rounded, state, batches, 128, progress_bar=False)
+    with_rounded = {"0.weight": rounded["0.weight"]}
+    assert mean_error(float_params | with_rounded | {"0.bias": corrected["0.bias"]}) < 1e-4
+    assert mean_error(rounded | {"0.bias": against_themselves["0.bias"]}) > 1e-2
+
+
+def test_quantize_leaves_adarounded_layers_out_of_bias_correction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    data = [torch.randn(32, 32) + 1 for _ in range(4)]
+    advanced = {"weights_quantization_params": {"num_bits": 4}, "adaround": {"num_iterations": 20}}
+    q = pc.quantize(model, pc.Dataset(data), subset_size=128, advanced_parameters=advanced)
+    nearest = pc.quantize(model, pc.Dataset(data), subset_size=128, advanced_parameters=advanced | {"adaround": None})
+    for name in ("0.bias", "2.bias"):
+        assert torch.equal(q.model_params()[name], model.state_dict()[name])  # AdaRound's layers: not corrected
+        assert not torch.equal(nearest.model_params()[name], model.state_dict()[name])  # nearest's: corrected
 
 
 @pytest.fixture(scope="module")
