@@ -171,8 +171,9 @@ def adaround_weights(
     before_quantizers = method.params(reference, without_quantization(state))
     transformed = [name for _, _, name in layers if not torch.equal(before_quantizers[name], reference[name])]
     if transformed:
-        raise ConfigError("adaround", f"{len(transformed)} weights (e.g. {transformed[0]!r}) are transformed before "
-                          "their quantizer (SmoothQuant, for one), and AdaRound rounds the model's own weights; "
+        raise ConfigError(path, f"{len(transformed)} weights (e.g. {transformed[0]!r}) are transformed before "
+                          "their quantizer (SmoothQuant, for one; pc.quantize turns it off with "
+                          "smooth_quant_alphas={'matmul': -1}), and AdaRound rounds the model's own weights; "
                           "expected a method that only quantizes them")
     out = dict(reference)
     sites = method.sites(state)

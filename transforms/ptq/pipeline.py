@@ -190,10 +190,6 @@ def quantize(
         origin="quantize.",
     )
     alpha = options.matmul_alpha
-    if transformer and alpha >= 0 and options.adaround not in (None, False):
-        raise ConfigError("advanced_parameters.adaround", "AdaRound rounds the model's own weights and SmoothQuant "
-                          "scales them first; expected adaround off, or smooth_quant_alphas={'matmul': -1} with "
-                          "model_type='transformer'")
     if transformer and alpha >= 0:
         method = chain(smooth_quant(alpha, ignored_scopes=ignored, num_samples=subset_size), method)
     params = dict(work.named_parameters())
@@ -224,17 +220,15 @@ def quantize(
         log.info("AdaRound:\n%s", report.table())
     if not options.disable_bias_correction:
         bc_samples = min(subset_size, options.bias_correction_subset_size or subset_size)
-        # the float model is the reference; AdaRound's weights, where it ran, are the quantized side.
-        # AdaRound's layers are left out: their reconstruction already fits the output (its mean
-        # included) from the quantized model's input, which the fast variant's float-input
-        # measurement would undo (docs/ptq.md, AdaRound)
+        # the float model is the reference; AdaRound's weights, where it ran, are the quantized side
         rounded_weights = {name: params[name] for name in uncorrected}
         reference = params | dict(work.named_buffers()) | uncorrected
-        sites = [site for site in correctable_layers(graph, reference, quantization_state(state).weights)
-                 if f"{site.rpartition('/')[0]}.weight" not in rounded_weights]
+        layers = None
+        if rounded_weights:  # AdaRound's layers are left out: docs/ptq.md, AdaRound
+            layers = [site for site in correctable_layers(graph, reference, quantization_state(state).weights)
+                      if f"{site.rpartition('/')[0]}.weight" not in rounded_weights]
         corrected = bias_correction(work, graph, method, reference, state, data, bc_samples,
-                                    fast=fast_bias_correction, quantized_weights=rounded_weights,
-                                    layers=sites if rounded_weights else None)
+                                    fast=fast_bias_correction, quantized_weights=rounded_weights, layers=layers)
         with torch.no_grad():
             for name, p in params.items():
                 if name not in rounded_weights and corrected[name] is not reference[name]:

@@ -130,22 +130,31 @@ class TwoLayers(nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-def _quantized_state(model: nn.Module, data: list[torch.Tensor], bits: int = 4):
+def _quantized_state(model: nn.Module, data: list[torch.Tensor], bits: int = 4, before: pc.Compression | None = None):
+    """Graph, method (``before`` chained ahead of the quantization), params and state on ``data``."""
     graph = pc.trace(model, (data[0],))
     method = pc.quantization(weights=dict(mode="symmetric", bits=bits, per_channel=True),
                              activations=dict(mode="asymmetric", bits=8))
+    if before is not None:
+        method = pc.chain(before, method)
     params = dict(model.named_parameters())
     state = method.init(graph, params, [(x,) for x in data], calibration_mode="eval")
     return graph, method, params, state
+
+
+def _adarounded(model: nn.Module, data: list[torch.Tensor], iterations: int, before: pc.Compression | None = None):
+    """``_quantized_state``'s four, then ``adaround_weights``' rounded params and report."""
+    graph, method, params, state = _quantized_state(model, data, before=before)
+    rounded, report = adaround_weights(model, graph, method, params, state, [(x,) for x in data],
+                                       dict(num_iterations=iterations), num_samples=8 * len(data), progress_bar=False)
+    return graph, method, params, state, rounded, report
 
 
 def test_sequential_mode_records_the_quantized_models_input():
     torch.manual_seed(0)
     model = TwoLayers().eval()
     data = [torch.randn(8, 16) for _ in range(3)]
-    graph, method, params, state = _quantized_state(model, data)
-    rounded, report = adaround_weights(model, graph, method, params, state, [(x,) for x in data],
-                                       dict(num_iterations=50), num_samples=24, progress_bar=False)
+    _, method, params, state, rounded, report = _adarounded(model, data, 50)
     assert [layer.weight for layer in report.layers] == ["first.weight", "second.weight"]
     # the second layer's input as AdaRound records it: the quantized model with the first layer rounded
     current = method.params(rounded | {"second.weight": params["second.weight"].detach()}, state)
@@ -184,9 +193,7 @@ def test_shared_weights_are_skipped_by_name():
     torch.manual_seed(0)
     model = Shared().eval()
     data = [torch.randn(8, 16) for _ in range(2)]
-    graph, method, params, state = _quantized_state(model, data)
-    rounded, report = adaround_weights(model, graph, method, params, state, [(x,) for x in data],
-                                       dict(num_iterations=5), num_samples=16, progress_bar=False)
+    _, _, params, _, rounded, report = _adarounded(model, data, 5)
     assert [r.weight for r in report.layers] == ["c.weight"]
     assert report.skipped == (("a.weight", "read by 2 calls"),)
     assert torch.equal(rounded["a.weight"], params["a.weight"])
@@ -198,14 +205,12 @@ def test_weights_transformed_before_their_quantizer_are_refused():
     torch.manual_seed(0)
     model = TwoLayers().eval()
     data = [torch.randn(8, 16) * torch.linspace(0.1, 10, 16) for _ in range(2)]
-    graph = pc.trace(model, (data[0],))
-    method = pc.chain(smooth_quant(0.5), pc.quantization(weights=dict(mode="symmetric", bits=4, per_channel=True),
-                                                         activations=dict(mode="asymmetric", bits=8)))
-    params = dict(model.named_parameters())
-    state = method.init(graph, params, [(x,) for x in data], calibration_mode="eval")
     with pytest.raises(ConfigError, match="transformed before their quantizer"):
-        adaround_weights(model, graph, method, params, state, [(x,) for x in data], dict(num_iterations=5),
-                         num_samples=16, progress_bar=False)
+        _adarounded(model, data, 5, before=smooth_quant(0.5))
+    # pc.quantize with SmoothQuant (model_type="transformer") refuses it under its option's name
+    with pytest.raises(ConfigError, match="advanced_parameters.adaround.*transformed before their quantizer"):
+        pc.quantize(model, pc.Dataset(data), model_type="transformer",
+                    advanced_parameters={"adaround": {"num_iterations": 5}})
 
 
 def test_bias_correction_measures_given_rounded_weights_against_the_float_ones():
