@@ -10,8 +10,7 @@ import purecomp as pc
 from purecomp.errors import ConfigError
 from purecomp.schedules import AdaptiveLevel, adaptive_step, exponential, multistep, polynomial
 
-settings.register_profile("schedules", deadline=None, max_examples=100)
-settings.load_profile("schedules")
+PROPERTY = settings(max_examples=100)  # on top of the profile tests/conftest.py loads
 
 levels = st.floats(0.0, 0.95)
 
@@ -20,6 +19,7 @@ def ordered(a, b):
     return (min(a, b), max(a, b))
 
 
+@PROPERTY
 @given(levels, levels, st.integers(1, 50), st.floats(0.5, 6.0), st.booleans())
 def test_polynomial_starts_ends_and_is_monotone(a, b, target_epoch, power, concave):
     init, target = ordered(a, b)
@@ -30,6 +30,7 @@ def test_polynomial_starts_ends_and_is_monotone(a, b, target_epoch, power, conca
     assert all(v2 >= v1 - 1e-12 for v1, v2 in zip(values, values[1:]))
 
 
+@PROPERTY
 @given(levels, levels, st.integers(1, 50))
 def test_exponential_starts_ends_and_is_monotone(a, b, target_epoch):
     init, target = ordered(a, b)
@@ -40,6 +41,7 @@ def test_exponential_starts_ends_and_is_monotone(a, b, target_epoch):
     assert all(v2 >= v1 - 1e-12 for v1, v2 in zip(values, values[1:]))
 
 
+@PROPERTY
 @given(st.lists(levels, min_size=1, max_size=5).map(sorted), st.data())
 def test_multistep_switches_at_the_configured_epochs(levels_, data):
     steps = sorted(data.draw(st.sets(st.integers(1, 40), min_size=len(levels_) - 1, max_size=len(levels_) - 1)))

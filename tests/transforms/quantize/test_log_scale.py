@@ -28,8 +28,7 @@ from purecomp.transforms.quantize.quantizer import rescaled
 
 import oracles
 
-settings.register_profile("purecomp", deadline=None, max_examples=60)
-settings.load_profile("purecomp")
+PROPERTY = settings(max_examples=60)  # on top of the profile tests/conftest.py loads
 
 
 def log_symmetric(case) -> LogScaleSymmetricQuantizer:
@@ -42,6 +41,7 @@ def log_asymmetric(case) -> LogRangeAsymmetricQuantizer:
                                        case.input_range.abs().log().requires_grad_(True), case.bits, case.axis)
 
 
+@PROPERTY
 @given(symmetric_cases(), st.integers(0, 2**31 - 1))
 def test_log_scale_symmetric_forward_and_gradient_match_numpy(case, seed):
     q = log_symmetric(case)
@@ -55,6 +55,7 @@ def test_log_scale_symmetric_forward_and_gradient_match_numpy(case, seed):
     np.testing.assert_allclose(q.log_scale.grad.numpy(), ds * scale, rtol=1e-4, atol=1e-4 * max(1.0, scale.max()))
 
 
+@PROPERTY
 @given(asymmetric_cases(), st.integers(0, 2**31 - 1))
 def test_log_range_asymmetric_forward_and_gradient_match_numpy(case, seed):
     q = log_asymmetric(case)

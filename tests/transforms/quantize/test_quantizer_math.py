@@ -24,8 +24,7 @@ from purecomp.testing import asymmetric_cases, symmetric_cases
 
 import oracles
 
-settings.register_profile("purecomp", deadline=None, max_examples=150)
-settings.load_profile("purecomp")
+PROPERTY = settings(max_examples=150)  # on top of the profile tests/conftest.py loads
 
 
 def sym(case, x=None):
@@ -71,12 +70,14 @@ def test_per_channel_parameter_shape_is_checked():
 # ----------------------------------------------------------------- symmetric properties
 
 
+@PROPERTY
 @given(symmetric_cases())
 def test_symmetric_equals_numpy_oracle_bit_for_bit(case):
     expected = oracles.symmetric(case.x.numpy(), case.scale.numpy(), *case.levels, axis=case.axis)
     np.testing.assert_array_equal(sym(case).numpy(), expected)
 
 
+@PROPERTY
 @given(symmetric_cases())
 def test_symmetric_outputs_lie_on_the_integer_grid_within_range(case):
     ql, qh = case.levels
@@ -87,12 +88,14 @@ def test_symmetric_outputs_lie_on_the_integer_grid_within_range(case):
     assert (torch.round(q) >= ql).all() and (torch.round(q) <= qh).all()
 
 
+@PROPERTY
 @given(symmetric_cases())
 def test_symmetric_is_idempotent(case):
     once = sym(case)
     assert torch.equal(sym(case, once), once)
 
 
+@PROPERTY
 @given(symmetric_cases())
 def test_symmetric_maps_zero_to_zero_and_clamps(case):
     ql, qh = case.levels
@@ -106,6 +109,7 @@ def test_symmetric_maps_zero_to_zero_and_clamps(case):
     assert torch.allclose(tiny, (s / qh * ql).expand_as(tiny))
 
 
+@PROPERTY
 @given(symmetric_cases(per_channel=False))
 def test_symmetric_is_monotone(case):
     xs = torch.sort(case.x.reshape(-1)).values
@@ -113,6 +117,7 @@ def test_symmetric_is_monotone(case):
     assert (out[1:] >= out[:-1]).all()
 
 
+@PROPERTY
 @given(symmetric_cases(per_channel=True))
 def test_per_channel_equals_per_tensor_when_channels_share_a_scale(case):
     shared = case.scale[0]
@@ -122,6 +127,7 @@ def test_per_channel_equals_per_tensor_when_channels_share_a_scale(case):
     assert torch.equal(per_channel, per_tensor)
 
 
+@PROPERTY
 @given(symmetric_cases(), st.integers(0, 2**31 - 1))
 def test_symmetric_gradients_per_region_match_numpy(case, seed):
     g = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(seed))
@@ -150,12 +156,14 @@ def test_symmetric_scale_gradient_regions_exactly():
 # ----------------------------------------------------------------- asymmetric properties
 
 
+@PROPERTY
 @given(asymmetric_cases())
 def test_asymmetric_equals_numpy_oracle_bit_for_bit(case):
     expected = oracles.asymmetric(case.x.numpy(), case.input_low.numpy(), case.input_range.numpy(), case.bits, axis=case.axis)
     np.testing.assert_array_equal(asym(case).numpy(), expected)
 
 
+@PROPERTY
 @given(asymmetric_cases())
 def test_asymmetric_range_adjustment_puts_zero_on_an_integer_level(case):
     n = 2**case.bits - 1
@@ -173,6 +181,7 @@ def test_asymmetric_range_adjustment_puts_zero_on_an_integer_level(case):
     assert (low + rng >= orig_high - 1e-5 * np.abs(orig_high) - 1e-6).all()
 
 
+@PROPERTY
 @given(asymmetric_cases())
 def test_asymmetric_zero_maps_exactly_to_zero_and_is_idempotent(case):
     zeros = asym(case, torch.zeros_like(case.x))
@@ -181,6 +190,7 @@ def test_asymmetric_zero_maps_exactly_to_zero_and_is_idempotent(case):
     assert torch.allclose(asym(case, once), once, rtol=0, atol=1e-6)
 
 
+@PROPERTY
 @given(asymmetric_cases(per_channel=False))
 def test_asymmetric_is_monotone_and_on_grid(case):
     xs = torch.sort(case.x.reshape(-1)).values
@@ -192,6 +202,7 @@ def test_asymmetric_is_monotone_and_on_grid(case):
     np.testing.assert_allclose(q, np.round(q), atol=1e-3)
 
 
+@PROPERTY
 @given(asymmetric_cases(), st.integers(0, 2**31 - 1))
 def test_asymmetric_gradients_per_region_match_numpy(case, seed):
     g = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(seed))
@@ -210,6 +221,7 @@ def test_asymmetric_gradients_per_region_match_numpy(case, seed):
 # ----------------------------------------------------------------- torch's built-in fake quantize
 
 
+@PROPERTY
 @given(symmetric_cases(per_channel=False), st.integers(-8, 2))
 def test_symmetric_equals_torch_fake_quantize_per_tensor(case, exponent):
     ql, qh = case.levels
@@ -221,6 +233,7 @@ def test_symmetric_equals_torch_fake_quantize_per_tensor(case, exponent):
     assert torch.equal(ours, theirs)
 
 
+@PROPERTY
 @given(symmetric_cases(per_channel=True), st.integers(-8, 2))
 def test_symmetric_equals_torch_fake_quantize_per_channel(case, exponent):
     ql, qh = case.levels
@@ -232,6 +245,7 @@ def test_symmetric_equals_torch_fake_quantize_per_channel(case, exponent):
     assert torch.equal(ours, theirs)
 
 
+@PROPERTY
 @given(st.integers(2, 8), st.integers(-6, 0), st.data())
 def test_asymmetric_equals_torch_fake_quantize_on_a_zero_aligned_grid(bits, exponent, data):
     n = 2**bits - 1
