@@ -37,6 +37,13 @@ from torch import nn
 import purecomp as pc
 
 MODELS = ("mobilenet_v2", "efficientnet_b0", "mobilenet_v3_small")
+# --logarithm-scale: the arguments of pc.quantization for each choice
+LOGARITHM_SCALE = {
+    "default": {},
+    "off": {"weights": {"logarithm_scale": False}, "activations": {"logarithm_scale": False}},
+    "weights": {"weights": {"logarithm_scale": True}, "activations": {"logarithm_scale": False}},
+    "both": {"weights": {"logarithm_scale": True}, "activations": {"logarithm_scale": True}},
+}
 
 
 def digits_batches(steps: int, batch: int, seed: int, size: int = 32) -> tuple[list, list]:
@@ -69,7 +76,7 @@ def train(forward, params: list, model_params: list, batches: list, lr: float) -
 
 
 def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode: str | None,
-        logarithm_scale: bool = False) -> dict:
+        logarithm_scale: str = "default") -> dict:
     """QAT of a copy of ``base``; the graph traced in train mode. When eval-mode calibration cannot
     initialize it (sites that only train mode runs, e.g. stochastic depth, see no values), the
     error is noted and the graph is traced in eval mode instead."""
@@ -78,8 +85,7 @@ def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode:
         model = copy.deepcopy(base).train(trace_mode == "train")
         t0 = time.perf_counter()
         graph = pc.trace(model, (batches[0][0][:2],))
-        method = pc.quantization(weights=dict(logarithm_scale=True), activations=dict(logarithm_scale=True)) \
-            if logarithm_scale else pc.quantization()
+        method = pc.quantization(**LOGARITHM_SCALE[logarithm_scale])
         params = dict(model.named_parameters()) | dict(model.named_buffers())
         try:
             if mode is None:
@@ -97,7 +103,7 @@ def qat(base: nn.Module, batches: list, calib: list, lr: float, seed: int, mode:
 
 
 def run_model(name: str, steps: int, batch: int, lr: float, seed: int, modes: list,
-              logarithm_scale: bool = False) -> dict:
+              logarithm_scale: str = "default") -> dict:
     torch.manual_seed(seed)
     base = getattr(torchvision.models, name)(weights=None, num_classes=10)
     batches, calib = digits_batches(steps, batch, seed)
@@ -121,8 +127,10 @@ def main() -> None:
     ap.add_argument("--calibration-modes", default="eval,train",
                     help="comma-separated InitContext.calibration_mode values to run QAT with "
                          "('default': the library's default, for a purecomp without the option)")
-    ap.add_argument("--logarithm-scale", action="store_true",
-                    help="train log(scale) / log(input_range) (NNCF's logarithm_scale) instead of the range")
+    ap.add_argument("--logarithm-scale", choices=sorted(LOGARITHM_SCALE), default="default",
+                    help="which quantizers train log(scale) / log(input_range) (NNCF's logarithm_scale) instead "
+                         "of the range: 'default' passes nothing (the library decides), 'off' / 'weights' / "
+                         "'both' set it explicitly")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:

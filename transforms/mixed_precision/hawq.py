@@ -56,7 +56,8 @@ class HawqOptions:
 def perturbation(target: Any, weight: Tensor, settings: QuantizerSettings, bits: int) -> float:
     """``||Q_b(W) - W||_2^2`` with the weight quantizer ``quantization`` would build at ``bits``."""
     with torch.no_grad():
-        q = weight_quantizer(target, weight, settings, bits)
+        # evaluated, never trained: log(scale) and scale give the same values
+        q = weight_quantizer(target, weight, settings.with_logarithm_scale(False), bits)
         return float((q(weight.detach()) - weight.detach()).pow(2).sum())
 
 

@@ -37,7 +37,10 @@ class QuantizerSettings:
 
     ``signed=None`` chooses signedness from calibration (activations); ``narrow_range=None``
     means on for symmetric weights, off otherwise. ``logarithm_scale`` trains ``log(scale)``
-    (symmetric) or ``log(input_range)`` (asymmetric) instead of the range itself.
+    (symmetric) or ``log(input_range)`` (asymmetric) instead of the range itself; ``None`` (the
+    default) decides at ``init``: weights train ``log(scale)`` when range init calibrates the model in
+    train mode (a model trained from scratch, whose first SGD steps on a linear scale can drive it
+    across zero), their range as it is otherwise; activations always train their range as it is.
     """
 
     mode: str = "symmetric"
@@ -45,7 +48,7 @@ class QuantizerSettings:
     signed: bool | None = None
     per_channel: bool = False
     narrow_range: bool | None = None
-    logarithm_scale: bool = False
+    logarithm_scale: bool | None = None
 
     @classmethod
     def of(cls, value: QuantizerSettings | Mapping[str, Any] | None, path: str) -> QuantizerSettings:
@@ -64,7 +67,13 @@ class QuantizerSettings:
             check_bits(settings.bits)
         except QuantizerRangeError as exc:
             raise ConfigError(f"{path}.bits", str(exc)) from None
+        if not (settings.logarithm_scale is None or isinstance(settings.logarithm_scale, bool)):
+            raise ConfigError(f"{path}.logarithm_scale", f"expected true, false or null, got {settings.logarithm_scale!r}")
         return settings
+
+    def with_logarithm_scale(self, default: bool) -> QuantizerSettings:
+        """These settings with ``logarithm_scale`` set to ``default`` where it was left ``None``."""
+        return self if self.logarithm_scale is not None else dataclasses.replace(self, logarithm_scale=default)
 
 
 @struct
@@ -108,6 +117,9 @@ class QuantizationState:
 
 def weight_quantizer(target: WeightTarget, weight: Tensor, settings: QuantizerSettings, bits: int) -> Quantizer:
     """The quantizer of one weight, its range the weight's min and max (per channel along ``target.axis``)."""
+    if settings.logarithm_scale is None:
+        raise ValueError("weight_quantizer needs settings whose logarithm_scale is decided; "
+                         "expected QuantizerSettings.with_logarithm_scale(...) first")
     axis = target.axis if settings.per_channel else None
     w = weight.detach()
     if axis is None:
@@ -160,12 +172,13 @@ def quantization(
 
     def init(context: InitContext) -> QuantizationState:
         graph = context.graph
+        w_decided = w_settings.with_logarithm_scale(context.calibration_mode == "train")
         allowed = select_sites(graph, ignored_scopes, target_scopes, origin, context.scope)
         w_targets = weight_targets(graph, allowed)
         a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs,
                                        quantize_outputs=quantize_outputs, input_ops=input_ops)
         request = PrecisionRequest(
-            graph, context.params, context.data, tuple(w_targets), tuple(a_targets), w_settings, origin,
+            graph, context.params, context.data, tuple(w_targets), tuple(a_targets), w_decided, origin,
             activation_quantizers=lambda p: activation_quantizers(context, a_targets, a_settings, p, init_cfg),
             context=context,
         )
@@ -175,7 +188,7 @@ def quantization(
             if key not in known:
                 raise ConfigError(f"{origin}precision", f"{key!r} is not a quantizer of this model; expected one of {sorted(known)[:8]}...")
         w_quant = {
-            t.param: weight_quantizer(t, context.params[t.param], w_settings, plan.get(t.param, w_settings.bits))
+            t.param: weight_quantizer(t, context.params[t.param], w_decided, plan.get(t.param, w_settings.bits))
             for t in w_targets
         }
         a_quant = activation_quantizers(context, a_targets, a_settings, plan, init_cfg)
@@ -211,6 +224,7 @@ def activation_quantizers(
     through the model as the context's earlier methods compress it."""
     if not targets:
         return {}
+    settings = settings.with_logarithm_scale(False)
     narrow = bool(settings.narrow_range)
     if init_cfg.num_init_samples == 0:
         log.info("range init skipped (num_init_samples=0): activation quantizers start at [-1, 1]")

@@ -161,3 +161,35 @@ def test_nncf_logarithm_scale_config_trains_checkpoints_and_exports(tmp_path):
         ours = model(x).numpy()
     theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"args_0": x.numpy()})[0]
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def _quantizer_types(logarithm_scale: bool | None, calibration_mode: str) -> tuple[set[type], set[type]]:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    graph = pc.trace(model, (x,))
+    weights = {} if logarithm_scale is None else {"logarithm_scale": logarithm_scale}
+    method = pc.quantization(weights=weights)
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    state = method.init(graph, params, [(x, None)], calibration_mode=calibration_mode)
+    return {type(q) for q in state.weights.values()}, {type(q) for q in state.activations.values()}
+
+
+@pytest.mark.parametrize(("logarithm_scale", "calibration_mode", "log_weights"), [
+    (None, "train", True),    # trained from scratch: log(scale), so SGD cannot drive it across zero
+    (None, "eval", False),    # a trained model fine-tunes its scale as it is
+    (False, "train", False),  # an explicit choice is kept
+    (True, "eval", True),
+])
+def test_logarithm_scale_left_unset_follows_the_calibration_mode_for_weights_only(
+        logarithm_scale, calibration_mode, log_weights):
+    weights, activations = _quantizer_types(logarithm_scale, calibration_mode)
+    assert weights == ({LogScaleSymmetricQuantizer} if log_weights else {SymmetricQuantizer})
+    assert activations == {SymmetricQuantizer}
+
+
+def test_logarithm_scale_must_be_a_boolean_or_unset():
+    with pytest.raises(pc.errors.ConfigError, match=r"weights\.logarithm_scale"):
+        pc.quantization(weights={"logarithm_scale": 1})

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import purecomp as pc
+from purecomp.transforms.quantize import LogScaleSymmetricQuantizer
 
 from models import torchvision_model
 
@@ -44,8 +45,10 @@ def test_qat_step_on_resnet18_gives_gradients_to_every_weight_and_scale(act_mode
     loss.backward()
     for name, p in params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # a model in train mode is calibrated in train mode, so its weights train log(scale)
+    assert all(isinstance(q, LogScaleSymmetricQuantizer) for q in state.weights.values())
     for name, q in state.weights.items():
-        assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0, name
+        assert q.log_scale.grad is not None and q.log_scale.grad.abs().sum() > 0, name
     for key, q in state.activations.items():
         grads = [q.scale.grad] if act_mode == "symmetric" else [q.input_low.grad, q.input_range.grad]
         assert all(g is not None for g in grads), key
