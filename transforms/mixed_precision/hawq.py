@@ -56,8 +56,7 @@ class HawqOptions:
 def perturbation(target: Any, weight: Tensor, settings: QuantizerSettings, bits: int) -> float:
     """``||Q_b(W) - W||_2^2`` with the weight quantizer ``quantization`` would build at ``bits``."""
     with torch.no_grad():
-        # evaluated, never trained: log(scale) and scale give the same values
-        q = weight_quantizer(target, weight, settings.with_logarithm_scale(False), bits)
+        q = weight_quantizer(target, weight, settings, bits)
         return float((q(weight.detach()) - weight.detach()).pow(2).sum())
 
 
@@ -139,7 +138,8 @@ def hawq_precision(
     request = PrecisionRequest(
         graph, params, data, tuple(weight_targets(graph, allowed)),
         tuple(activation_targets(graph, allowed, quantize_inputs=quantize_inputs, quantize_outputs=quantize_outputs)),
-        QuantizerSettings.of(weights, "weights"),
+        # HAWQ calibrates nothing and never trains its quantizers: log(scale) and scale give the same values
+        QuantizerSettings.of(weights, "weights").with_logarithm_scale(False),
     )
     return precision_report(request, criterion, _options(options, ""))
 

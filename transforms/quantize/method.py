@@ -75,6 +75,11 @@ class QuantizerSettings:
         """These settings with ``logarithm_scale`` set to ``default`` where it was left ``None``."""
         return self if self.logarithm_scale is not None else dataclasses.replace(self, logarithm_scale=default)
 
+    def for_weights(self, calibration_mode: str) -> QuantizerSettings:
+        """These settings as weight quantizers get them: ``logarithm_scale`` left ``None`` becomes
+        ``calibration_mode == "train"`` (a model trained from scratch trains ``log(scale)``)."""
+        return self.with_logarithm_scale(calibration_mode == "train")
+
 
 @struct
 class QuantizationState:
@@ -172,7 +177,7 @@ def quantization(
 
     def init(context: InitContext) -> QuantizationState:
         graph = context.graph
-        w_decided = w_settings.with_logarithm_scale(context.calibration_mode == "train")
+        w_decided = w_settings.for_weights(context.calibration_mode)
         allowed = select_sites(graph, ignored_scopes, target_scopes, origin, context.scope)
         w_targets = weight_targets(graph, allowed)
         a_targets = activation_targets(graph, allowed, quantize_inputs=quantize_inputs,

@@ -29,7 +29,7 @@ class PrecisionRequest:
     data: Iterable[Any] | None
     weights: tuple[WeightTarget, ...]
     activations: tuple[ActivationTarget, ...]
-    weight_settings: Any
+    weight_settings: Any  # QuantizerSettings with logarithm_scale decided (QuantizerSettings.for_weights)
     origin: str = ""
     # plan -> the activation quantizers ``quantization`` would build for it (calibrated on ``data``);
     # set by ``quantization``'s ``init`` for initializers that evaluate the quantized model (AutoQ)

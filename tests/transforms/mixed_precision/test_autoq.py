@@ -231,7 +231,7 @@ def test_environment_evaluates_exactly_what_quantization_builds():
     from purecomp.transforms.quantize.method import QuantizerSettings, activation_quantizers
 
     request = PrecisionRequest(
-        graph, params, data, tuple(w_t), tuple(a_t), QuantizerSettings.of(WEIGHTS, "weights"),
+        graph, params, data, tuple(w_t), tuple(a_t), QuantizerSettings.of(WEIGHTS, "weights").for_weights("eval"),
         activation_quantizers=lambda p: activation_quantizers(InitContext.start(graph, params, data), a_t,
                                                               QuantizerSettings.of(ACTS, "a"), p,
                                                               pc.RangeInit(num_init_samples=16)))

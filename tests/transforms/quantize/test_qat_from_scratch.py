@@ -4,7 +4,8 @@ defaults like they do in FP32: the loss falls over 50 SGD steps and the largest 
 stays within 10x of FP32's. The settings are bench/qat_from_scratch.py's (digits at 3x32x32, batch
 16, SGD lr 0.01 momentum 0.9, the same weights and batches for both runs). Under the defaults the
 weights train ``log(scale)`` (``logarithm_scale`` unset, calibration in train mode); with the weight
-scales trained as they are, mobilenet_v2 spikes (a strict xfail).
+scales trained as they are, mobilenet_v2 spikes to 19.9x (``python bench/qat_from_scratch.py
+--threads 2 --calibration-modes default --logarithm-scale off``, docs/quantization.md).
 
 Before range init calibrated a train-mode model in train mode (``InitContext.calibration_mode``,
 default ``"auto"``), all three collapsed:
@@ -25,10 +26,6 @@ pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parents[3] / "bench" / "qat_from_scratch.py"
 
 
-class GradRatioAbove10x(AssertionError):
-    pass
-
-
 def bench():
     spec = importlib.util.spec_from_file_location("qat_from_scratch", BENCH)
     module = importlib.util.module_from_spec(spec)
@@ -41,17 +38,6 @@ def test_random_init_qat_trains_like_fp32(name):
     # the defaults: weights train log(scale), as range init calibrates these train-mode models in train mode
     with two_threads():
         check_trains_like_fp32(name, logarithm_scale="default")
-
-
-@pytest.mark.xfail(strict=True, raises=GradRatioAbove10x, reason=(
-    "the weight scales trained as they are: no collapse, but one spike of 20x FP32's largest gradient at "
-    "step 10. SGD steps on the per-tensor weight scale of features.12's depthwise conv are as large as the "
-    "scale (weights clipped by their first updates send it their gradients), it crosses zero (0.056 -> "
-    "2e-5), the outputs lose their variance and BatchNorm divides by sqrt(eps). This is why the default "
-    "trains log(scale) for a model calibrated in train mode (docs/quantization.md)"))
-def test_random_init_qat_with_linear_weight_scales_spikes_on_mobilenet_v2():
-    with two_threads():
-        check_trains_like_fp32("mobilenet_v2", logarithm_scale="off")
 
 
 @contextlib.contextmanager
@@ -76,5 +62,4 @@ def check_trains_like_fp32(name: str, logarithm_scale: str) -> None:
     assert last < first - 0.1, f"QAT loss did not fall: {first:.3f} -> {last:.3f}"
     ratio = qat["grad"] / fp32["grad"]
     assert ratio < 1e3, f"gradients exploded: {qat['grad']:.3g} vs FP32 {fp32['grad']:.3g}"
-    if ratio > 10:
-        raise GradRatioAbove10x(f"largest gradient {ratio:.3g}x FP32's ({qat['grad']:.3g} vs {fp32['grad']:.3g})")
+    assert ratio <= 10, f"largest gradient {ratio:.3g}x FP32's ({qat['grad']:.3g} vs {fp32['grad']:.3g})"

@@ -73,8 +73,7 @@ class ModelEnvironment:
         self.names = tuple(tuple(u) for u in units)
         self.sizes = tuple(sum(math.prod(shapes[w]) for w in u) for u in units)
         self.features = unit_features(r.graph, units, readers, shapes)
-        # evaluated, never trained: log(scale) and scale give the same values
-        settings = QuantizerSettings.of(r.weight_settings, f"{r.origin}weights").with_logarithm_scale(False)
+        settings = QuantizerSettings.of(r.weight_settings, f"{r.origin}weights")
         targets = {t.param: t for t in r.weights}
         self._weights = {w: weight_quantizer(targets[w], r.params[w], settings, self.widest) for w in targets}
         self._activations = dict(r.activation_quantizers({t.key: self.widest for t in r.activations}))

@@ -72,7 +72,8 @@ def autoq_precision(
     init_cfg = range_init or RangeInit()
     context = InitContext.start(graph, params, data)
     request = PrecisionRequest(
-        graph, context.params, data, tuple(w_targets), tuple(a_targets), QuantizerSettings.of(weights, "weights"),
+        graph, context.params, data, tuple(w_targets), tuple(a_targets),
+        QuantizerSettings.of(weights, "weights").for_weights(context.calibration_mode),
         activation_quantizers=lambda plan: activation_quantizers(context, a_targets, a_settings, plan, init_cfg),
         context=context,
     )
