@@ -3,15 +3,17 @@
     python bench/ptq_runtime_agreement.py [--dataset mnist|digits] [--seed 0]
 
 Trains the MobileNet-style CNN of ``examples/ptq_cnn.py`` (same data, seed and recipe), quantizes
-it and its badly scaled copy with ``pc.quantize`` defaults, exports each, and counts the test
-images each runtime configuration predicts differently from PyTorch:
+it and its badly scaled copy with ``pc.quantize`` defaults, once with float biases
+(``int32_bias=False``) and once with the default ``int32_bias=True``, exports each, and counts
+the test images each runtime configuration predicts differently from PyTorch:
 
 - ONNX Runtime without graph optimizations (the QDQ graph as written: the export's reference
   semantics), with all of them (what the examples run: integer kernels), and with all but
   ``WeightBiasQuantization``, the level-1 rewrite that replaces the float bias of a Conv / Gemm
   fed by a DequantizeLinear with ``DQ(round(b / (s_x s_w)))``, an int32 bias on the grid of the
   input scale times the weight scale (QLinearConv needs it);
-- the same model with its biases put on that grid in PyTorch first (what ONNX Runtime runs);
+- with ``int32_bias=True`` the biases are on that grid in PyTorch already, so the rewrite
+  changes nothing;
 - OpenVINO (CPU) with f32 for the ops it does not run in int8, with its default precision (bf16
   on a CPU with bf16 support), and with its low-precision transformations off
   (``LP_TRANSFORMS_MODE``, an internal CPU plugin property: convolutions in f32 on fake-quantized
@@ -35,29 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from ptq_cnn import badly_scaled, mobilenet_style  # noqa: E402
 
 import purecomp as pc  # noqa: E402
-from purecomp.compression import with_training  # noqa: E402
 
 from common import load_dataset, loader, train_epochs  # noqa: E402
-
-
-def on_int32_grid(quantized: pc.CompressedModule) -> int:
-    """Put each bias of a quantized conv / linear fed by an activation quantizer on the grid
-    ``s_x s_w`` (float32, round half to even), as ONNX Runtime's ``WeightBiasQuantization`` does;
-    returns how many biases it changed."""
-    state = with_training(quantized.state, False)
-    params = dict(quantized.model.named_parameters())
-    done = 0
-    for key, consumers in state.consumers:
-        s_x = state.activations[key].integer_grid()[0].float()
-        for site in consumers:
-            scope = site.rpartition("/")[0]
-            if f"{scope}.weight" in state.weights and f"{scope}.bias" in params:
-                step = s_x * state.weights[f"{scope}.weight"].integer_grid()[0].float().reshape(-1)
-                bias = params[f"{scope}.bias"]
-                with torch.no_grad():
-                    bias.copy_(torch.round(bias / step) * step)
-                done += 1
-    return done
 
 
 def ort_logits(path: Path, x: torch.Tensor, level: ort.GraphOptimizationLevel, disabled: list[str]) -> tuple:
@@ -102,19 +83,19 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="ptq_runtimes_"))
     level = ort.GraphOptimizationLevel
     for variant, net in (("plain", model), ("badly scaled", badly_scaled(model, args.seed))):
-        quantized = pc.quantize(net, pc.Dataset(loader(train_set, 32, True, args.seed + 1), lambda b: b[0]))
-        for snapped in (False, True):
-            changed = on_int32_grid(quantized) if snapped else 0
+        for int32_bias in (False, True):
+            quantized = pc.quantize(net, pc.Dataset(loader(train_set, 32, True, args.seed + 1), lambda b: b[0]),
+                                    advanced_parameters=dict(int32_bias=int32_bias))
             with torch.no_grad():
                 reference = quantized(x).numpy()
-            path = pc.export_quantized(quantized, (x[:1],), folder / f"{variant.replace(' ', '_')}_{snapped}.onnx")
-            title = f"biases on the int32 grid s_x s_w ({changed} changed)" if snapped else "as pc.quantize returns it"
+            path = pc.export_quantized(quantized, (x[:1],), folder / f"{variant.replace(' ', '_')}_{int32_bias}.onnx")
+            title = "int32_bias=True (the default)" if int32_bias else "int32_bias=False (float biases)"
             print(f"\n{variant}, {title}: PyTorch {100 * (reference.argmax(1) == y).mean():.2f}%")
-            runs = {"ORT, all optimizations": lambda p: ort_logits(p, x, level.ORT_ENABLE_ALL, []),
+            runs = {"ORT, no graph optimizations": lambda p: ort_logits(p, x, level.ORT_DISABLE_ALL, []),
+                    "ORT, all optimizations": lambda p: ort_logits(p, x, level.ORT_ENABLE_ALL, []),
                     "OpenVINO, f32 + int8": lambda p: ov_logits(p, x, {"INFERENCE_PRECISION_HINT": "f32"})}
-            if not snapped:
-                runs = {"ORT, no graph optimizations": lambda p: ort_logits(p, x, level.ORT_DISABLE_ALL, []),
-                        **runs,
+            if not int32_bias:
+                runs = {**runs,
                         "ORT, all but WeightBiasQuantization": lambda p: ort_logits(
                             p, x, level.ORT_ENABLE_ALL, ["WeightBiasQuantization"]),
                         "OpenVINO, default precision": lambda p: ov_logits(p, x, {}),

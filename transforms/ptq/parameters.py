@@ -99,7 +99,10 @@ class AdvancedQuantizationParameters:
     (NNCF's ``QuantizationParameters``: ``num_bits``, ``mode``, ``per_channel``, ``narrow_range``):
     override the 8-bit scheme, e.g. ``{"num_bits": 4}`` for W4A8. ``adaround`` (``True`` or
     ``AdaRoundParameters`` / a dict of its options; off by default): learned rounding of the
-    conv / linear weights after range estimation (``purecomp.transforms.adaround``)."""
+    conv / linear weights after range estimation (``purecomp.transforms.adaround``). ``int32_bias``
+    (on by default; not an NNCF option): round each quantized conv / linear bias to its int32
+    accumulator grid ``s_x s_w`` at the end, as integer kernels (ONNX Runtime's QLinearConv) do, so
+    the returned model's forward is what they compute (``purecomp.transforms.ptq.int32_bias``)."""
 
     weights_range_estimator: str = "min_max"
     weights_per_channel: bool = True
@@ -117,6 +120,7 @@ class AdvancedQuantizationParameters:
     weights_quantization_params: Any = None
     activations_quantization_params: Any = None
     adaround: Any = None
+    int32_bias: bool = True
 
     def __post_init__(self) -> None:
         quantization_params(self.weights_quantization_params, "advanced_parameters.weights_quantization_params")
@@ -146,6 +150,10 @@ class AdvancedQuantizationParameters:
         if alphas.get("convolution", -1) >= 0:
             raise ConfigError("advanced_parameters.smooth_quant_alphas.convolution",
                               "SmoothQuant for convolutions is not built; expected a negative value (off)")
+        for field in dataclasses.fields(self):
+            if field.type in ("bool", bool) and not isinstance(getattr(self, field.name), bool):
+                raise ConfigError(f"advanced_parameters.{field.name}",
+                                  f"expected true or false, got {getattr(self, field.name)!r}")
         low, high = self.activations_percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError("advanced_parameters.activations_percentiles",

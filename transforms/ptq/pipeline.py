@@ -3,8 +3,9 @@
 On a copy of the model, in order: BatchNorm folding, cross-layer equalization with high-bias
 absorption (opt-in), range estimation on ``subset_size`` calibration samples (weights
 symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
-asymmetric for ``mixed``), MSE-optimal clipping (opt-in), AdaRound (opt-in), then fast or full
-bias correction.
+asymmetric for ``mixed``), MSE-optimal clipping (opt-in), AdaRound (opt-in), fast or full
+bias correction, then each quantized layer's bias put on its int32 accumulator grid ``s_x s_w``
+(``int32_bias``: what integer kernels add).
 With ``model_type="transformer"`` BatchNorm folding is skipped and SmoothQuant runs before
 range estimation (docs/ptq.md, Transformers). The result is a ``CompressedModule``: its
 forward is the quantized model (the numerics the exported ONNX has), its quantizer ranges are
@@ -40,6 +41,7 @@ from .bias_correction import CORRECTED_OPS, bias_correction, correctable_layers
 from .chain_state import map_quantization, quantization_state, without_quantization
 from .dataset import Dataset, model_inputs
 from .equalization import absorb_high_biases, cross_layer_equalization
+from .int32_bias import biases_on_int32_grid, int32_bias_steps
 from .parameters import (
     MODEL_TYPES,
     PRESETS,
@@ -234,6 +236,13 @@ def quantize(
                 if name not in rounded_weights and corrected[name] is not reference[name]:
                     uncorrected[name] = p.detach().clone()
                     p.copy_(corrected[name])
+    if options.int32_bias:
+        steps = int32_bias_steps(graph, params, state)
+        snapped = biases_on_int32_grid(params, steps)
+        with torch.no_grad():
+            for name in steps:
+                uncorrected.setdefault(name, params[name].detach().clone())
+                params[name].copy_(snapped[name])
     module = CompressedModule(work, method)
     module.set_state(state)
     module.graph = graph

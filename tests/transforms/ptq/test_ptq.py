@@ -16,6 +16,7 @@ import purecomp as pc
 from purecomp.apply import call_with_sites
 from purecomp.compression import compose_sites
 from purecomp.errors import CalibrationError, ConfigError
+from purecomp.export.check import run_onnx
 from purecomp.export.materialize import fold_batchnorms
 from purecomp.transforms.ptq import (
     ChannelClip,
@@ -27,6 +28,7 @@ from purecomp.transforms.ptq import (
     mse_quantizer,
 )
 from purecomp.transforms.ptq.accuracy_control import nmse, ranking_batches
+from purecomp.transforms.ptq.int32_bias import int32_bias_steps
 from purecomp.transforms.quantize import make_quantizer
 
 
@@ -265,6 +267,47 @@ def test_ignored_scope_leaves_layers_in_float():
     quantized = set(q.state.weights)
     assert "fc.weight" not in quantized and not any(w.startswith("layer4.1.") for w in quantized)
     assert "layer4.0.conv1.weight" in quantized
+
+
+def _resnet18_logits_quantized(int32_bias: bool, data: list[torch.Tensor]) -> pc.CompressedModule:
+    torch.manual_seed(0)
+    model = _with_statistics(torchvision.models.resnet18(weights=None, num_classes=10))
+    return pc.quantize(model, pc.Dataset(data), subset_size=32,
+                       advanced_parameters=dict(int32_bias=int32_bias, quantize_outputs=True))
+
+
+def test_int32_bias_puts_each_quantized_layers_bias_on_its_accumulator_grid():
+    data = calibration(4)
+    snapped, kept = _resnet18_logits_quantized(True, data), _resnet18_logits_quantized(False, data)
+    steps = int32_bias_steps(snapped.graph, snapped.model_params(), snapped.state)
+    assert len(steps) == 21  # 20 convs (their BatchNorms folded in) and fc
+    for name, step in steps.items():
+        bias, float_bias = snapped.model_params()[name].detach(), kept.model_params()[name].detach()
+        assert torch.equal(torch.round(bias / step) * step, bias)  # on the grid: rounding again keeps it
+        assert float((bias - float_bias).abs().max() / step.max()) <= 0.5 + 1e-3  # moved by at most half a step
+        torch.testing.assert_close(snapped.float_values[name], kept.float_values[name])  # back in float: uncorrected
+    assert any(not torch.equal(snapped.model_params()[n], kept.model_params()[n]) for n in steps)
+
+
+@pytest.mark.slow
+def test_int32_bias_makes_pytorch_compute_what_onnxruntime_integer_kernels_compute(tmp_path):
+    """ONNX Runtime rounds each float bias of a QDQ conv / gemm to ``s_x s_w`` for its integer
+    kernels; with the biases already there, its fused model and PyTorch part only where float
+    summation order flips a rounding (the unoptimized graph's own differences)."""
+    data, g = calibration(4), torch.Generator().manual_seed(11)
+    x = torch.randn(64, 3, 32, 32, generator=g)
+    differing = {}
+    for int32_bias in (True, False):
+        q = _resnet18_logits_quantized(int32_bias, data)
+        with torch.no_grad():
+            reference = q(x).numpy()
+        path = pc.export_quantized(q, (x[:1],), tmp_path / f"resnet18_{int32_bias}.onnx")
+        step = float(q.state.output_grid()[0])
+        for optimized in (False, True):
+            out = run_onnx(path, (x,), optimized=optimized)[0]
+            differing[int32_bias, optimized] = int((np.abs(out - reference) > step / 2).sum())
+    assert differing[True, True] <= 1.5 * differing[True, False] + 16
+    assert differing[False, True] >= 3 * differing[True, True]
 
 
 # ------------------------------------------------------------------ accuracy control and sensitivity
