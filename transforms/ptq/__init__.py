@@ -1,6 +1,6 @@
 """Post-training quantization: ``quantize`` in one call, its dataset and options, and the
-algorithms it runs (BatchNorm folding, cross-layer equalization, bias correction, MSE ranges),
-each usable on its own."""
+algorithms it runs (BatchNorm folding, cross-layer equalization, bias correction, MSE ranges,
+int32 biases), each usable on its own."""
 
 from .accuracy_control import (
     AccuracyControlReport,
@@ -17,6 +17,7 @@ from .equalization import (
     cross_layer_equalization,
     equalization_pairs,
 )
+from .int32_bias import biases_on_int32_grid, int32_bias_steps
 from .parameters import AdvancedQuantizationParameters, IgnoredScope
 from .pipeline import calibration_batches, export_quantized, quantize, strip
 from .ranges import mse_activation_quantizers, mse_quantizer, mse_weight_quantizers
@@ -34,11 +35,13 @@ __all__ = [
     "IgnoredScope",
     "absorb_high_biases",
     "bias_correction",
+    "biases_on_int32_grid",
     "calibration_batches",
     "correctable_layers",
     "cross_layer_equalization",
     "equalization_pairs",
     "export_quantized",
+    "int32_bias_steps",
     "mse_activation_quantizers",
     "mse_quantizer",
     "mse_weight_quantizers",

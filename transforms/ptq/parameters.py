@@ -102,7 +102,11 @@ class AdvancedQuantizationParameters:
     conv / linear weights after range estimation (``purecomp.transforms.adaround``). ``int32_bias``
     (on by default; not an NNCF option): round each quantized conv / linear bias to its int32
     accumulator grid ``s_x s_w`` at the end, as integer kernels (ONNX Runtime's QLinearConv) do, so
-    the returned model's forward is what they compute (``purecomp.transforms.ptq.int32_bias``)."""
+    the returned model's forward is what they compute (``purecomp.transforms.ptq.int32_bias``).
+    ``unify_residual_scales`` (on by default; not an NNCF option): the symmetric activation
+    quantizers on a residual add's inputs and output share the largest of their steps, so a
+    runtime that skips one input's rounding (OpenVINO's CPU plugin) computes the same sum
+    (``purecomp.transforms.ptq.residual_scales``)."""
 
     weights_range_estimator: str = "min_max"
     weights_per_channel: bool = True
@@ -121,6 +125,7 @@ class AdvancedQuantizationParameters:
     activations_quantization_params: Any = None
     adaround: Any = None
     int32_bias: bool = True
+    unify_residual_scales: bool = True
 
     def __post_init__(self) -> None:
         quantization_params(self.weights_quantization_params, "advanced_parameters.weights_quantization_params")

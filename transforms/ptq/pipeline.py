@@ -3,7 +3,8 @@
 On a copy of the model, in order: BatchNorm folding, cross-layer equalization with high-bias
 absorption (opt-in), range estimation on ``subset_size`` calibration samples (weights
 symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
-asymmetric for ``mixed``), MSE-optimal clipping (opt-in), AdaRound (opt-in), fast or full
+asymmetric for ``mixed``), MSE-optimal clipping (opt-in), one step for the quantizers around each
+residual add (``unify_residual_scales``), AdaRound (opt-in), fast or full
 bias correction, then each quantized layer's bias put on its int32 accumulator grid ``s_x s_w``
 (``int32_bias``: what integer kernels add).
 With ``model_type="transformer"`` BatchNorm folding is skipped and SmoothQuant runs before
@@ -52,6 +53,7 @@ from .parameters import (
     quantization_params,
 )
 from .ranges import activation_samples, mse_activation_quantizers, mse_weight_quantizers
+from .residual_scales import unify_residual_scales
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,9 @@ def quantize(
                                      list(q_state.activations), data, subset_size)
         state = map_quantization(state, lambda q: dataclasses.replace(
             q, activations=mse_activation_quantizers(q.activations, samples)))
+    if options.unify_residual_scales:
+        state, groups = unify_residual_scales(graph, state)
+        log.info("residual adds: %d groups of activation quantizers on one step", len(groups))
     uncorrected: dict[str, Tensor] = {}  # weights before AdaRound, biases before bias correction
     if options.adaround not in (None, False):
         from purecomp.transforms.adaround import adaround_weights
