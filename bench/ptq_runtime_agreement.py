@@ -3,9 +3,10 @@
     python bench/ptq_runtime_agreement.py [--dataset mnist|digits] [--seed 0]
 
 Trains the MobileNet-style CNN of ``examples/ptq_cnn.py`` (same data, seed and recipe), quantizes
-it and its badly scaled copy with ``pc.quantize`` defaults, once with float biases
-(``int32_bias=False``) and once with the default ``int32_bias=True``, exports each, and counts
-the test images each runtime configuration predicts differently from PyTorch:
+it and its badly scaled copy with ``pc.quantize`` three times (float biases and a step per
+quantizer, as before both options existed; ``int32_bias`` alone; the defaults, which add
+``unify_residual_scales``), exports each, and counts the test images each runtime configuration
+predicts differently from PyTorch:
 
 - ONNX Runtime without graph optimizations (the QDQ graph as written: the export's reference
   semantics), with all of them (what the examples run: integer kernels), and with all but
@@ -17,7 +18,11 @@ the test images each runtime configuration predicts differently from PyTorch:
 - OpenVINO (CPU) with f32 for the ops it does not run in int8, with its default precision (bf16
   on a CPU with bf16 support), and with its low-precision transformations off
   (``LP_TRANSFORMS_MODE``, an internal CPU plugin property: convolutions in f32 on fake-quantized
-  values).
+  values), also without the dynamic quantization it then applies to the int8-weight classifier's
+  input (``DYNAMIC_QUANTIZATION_GROUP_SIZE`` 0). With low-precision transformations on, OpenVINO
+  fuses conv -> quantize -> add -> quantize into one convolution that skips the first quantizer's
+  rounding (``Convolution::setPostOps`` in its CPU plugin); ``unify_residual_scales`` gives those
+  quantizers one step, where the skipped rounding cannot change the sum.
 """
 
 from __future__ import annotations
@@ -82,14 +87,16 @@ def main() -> None:
     y = torch.cat([b[1] for b in test]).numpy()
     folder = Path(tempfile.mkdtemp(prefix="ptq_runtimes_"))
     level = ort.GraphOptimizationLevel
+    variants = {"int32_bias=False, unify_residual_scales=False (float biases, a step per quantizer)": (False, False),
+                "int32_bias=True, unify_residual_scales=False": (True, False),
+                "int32_bias=True, unify_residual_scales=True (the defaults)": (True, True)}
     for variant, net in (("plain", model), ("badly scaled", badly_scaled(model, args.seed))):
-        for int32_bias in (False, True):
+        for title, (int32_bias, unify) in variants.items():
             quantized = pc.quantize(net, pc.Dataset(loader(train_set, 32, True, args.seed + 1), lambda b: b[0]),
-                                    advanced_parameters=dict(int32_bias=int32_bias))
+                                    advanced_parameters=dict(int32_bias=int32_bias, unify_residual_scales=unify))
             with torch.no_grad():
                 reference = quantized(x).numpy()
-            path = pc.export_quantized(quantized, (x[:1],), folder / f"{variant.replace(' ', '_')}_{int32_bias}.onnx")
-            title = "int32_bias=True (the default)" if int32_bias else "int32_bias=False (float biases)"
+            path = pc.export_quantized(quantized, (x[:1],), folder / f"{variant[0]}_{int32_bias}_{unify}.onnx")
             print(f"\n{variant}, {title}: PyTorch {100 * (reference.argmax(1) == y).mean():.2f}%")
             runs = {"ORT, no graph optimizations": lambda p: ort_logits(p, x, level.ORT_DISABLE_ALL, []),
                     "ORT, all optimizations": lambda p: ort_logits(p, x, level.ORT_ENABLE_ALL, []),
@@ -100,7 +107,10 @@ def main() -> None:
                             p, x, level.ORT_ENABLE_ALL, ["WeightBiasQuantization"]),
                         "OpenVINO, default precision": lambda p: ov_logits(p, x, {}),
                         "OpenVINO, f32, LPT off": lambda p: ov_logits(
-                            p, x, {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": False})}
+                            p, x, {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": False}),
+                        "OpenVINO, f32, LPT off, no dynamic quantization": lambda p: ov_logits(
+                            p, x, {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": False,
+                                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})}
             for name, run in runs.items():
                 try:
                     out, integer = run(path)

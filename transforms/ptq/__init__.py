@@ -1,6 +1,6 @@
 """Post-training quantization: ``quantize`` in one call, its dataset and options, and the
 algorithms it runs (BatchNorm folding, cross-layer equalization, bias correction, MSE ranges,
-int32 biases), each usable on its own."""
+one step around residual adds, int32 biases), each usable on its own."""
 
 from .accuracy_control import (
     AccuracyControlReport,
@@ -21,6 +21,7 @@ from .int32_bias import biases_on_int32_grid, int32_bias_steps
 from .parameters import AdvancedQuantizationParameters, IgnoredScope
 from .pipeline import calibration_batches, export_quantized, quantize, strip
 from .ranges import mse_activation_quantizers, mse_quantizer, mse_weight_quantizers
+from .residual_scales import residual_groups, unify_residual_scales
 from .sensitivity import SensitivityReport, sensitivity, sqnr
 
 __all__ = [
@@ -46,8 +47,10 @@ __all__ = [
     "mse_quantizer",
     "mse_weight_quantizers",
     "quantize",
+    "residual_groups",
     "SensitivityReport",
     "sensitivity",
     "sqnr",
     "strip",
+    "unify_residual_scales",
 ]

@@ -4,7 +4,9 @@ An integer runtime computes a quantized conv / linear as an int32 accumulator
 ``acc = sum (x_q - z_x) w_q`` whose value is ``y / (s_x s_w)``, so it adds the bias in the same
 units, rounded: ``b_q = round(b / (s_x s_w))`` per output channel, with ``s_x`` the (per-tensor)
 input quantizer's scale and ``s_w`` the weight quantizer's (QLinearConv's int32 bias; ONNX
-Runtime's ``WeightBiasQuantization`` rewrite of a float-bias QDQ graph). Replacing each such
+Runtime's ``WeightBiasQuantization`` rewrite of a float-bias QDQ Conv / Gemm). A linear on inputs
+of more rank is exported as MatMul + Add, whose float bias runtimes add after the integer
+matmul, so its bias is left as it is. Replacing each such
 bias by ``s_x s_w round(b / (s_x s_w))`` (float32, round half to even) makes the quantized
 forward compute what the integer kernels compute; a bias already on its grid is left as it is
 by that rounding, so the exported graph means the same in every runtime.
@@ -25,15 +27,18 @@ from .chain_state import quantization_state
 
 
 def int32_bias_steps(graph: ModelGraph, params: Mapping[str, Tensor], state: Any) -> dict[str, Tensor]:
-    """``{bias name: s_x s_w}`` (float32, one step per output channel) for each conv / linear
-    with a quantized weight and a bias whose data input goes through exactly one per-tensor
-    activation quantizer (at ``<site>:in0`` or at its producer)."""
+    """``{bias name: s_x s_w}`` (float32, one step per output channel) for each conv, and each
+    linear on 2-D inputs (ONNX ``Gemm``), with a quantized weight and a bias whose data input goes
+    through exactly one per-tensor activation quantizer (at ``<site>:in0`` or at its producer)."""
     q_state = quantization_state(state)
     weights = getattr(q_state, "weights", {})
     activations = getattr(q_state, "activations", {})
     consumers_of = getattr(q_state, "consumers_of", lambda key: ())
     steps: dict[str, Tensor] = {}
     for site in correctable_layers(graph, params, weights):
+        node = graph.node(site)
+        if node.op == "linear" and len(node.input_info[0].shape) != 2:
+            continue  # exported as MatMul + Add: runtimes add its float bias after the integer matmul
         inputs = [q for key, q in activations.items() if key == f"{site}:in0" or site in consumers_of(key)]
         if len(inputs) != 1:
             continue

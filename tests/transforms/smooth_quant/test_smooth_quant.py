@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import purecomp as pc
+from purecomp.transforms.ptq import int32_bias_steps
 from purecomp.calibration import run_observers
 from purecomp.errors import ConfigError
 from purecomp.transforms.smooth_quant import SmoothQuantState, smoothing_scales
@@ -124,6 +125,9 @@ def test_transformer_quantize_exports_to_onnx_that_onnxruntime_runs(tmp_path):
     model = Encoder(with_outliers(tiny_bert()[0])).eval()
     data = batches()
     q = pc.quantize(model, pc.Dataset(data), model_type="transformer", subset_size=8)
+    # the encoder's linears run on 3-D inputs (MatMul + Add: a float bias after the integer matmul);
+    # only the pooler's, on the 2-D first token (Gemm), goes on its int32 grid
+    assert set(int32_bias_steps(q.graph, q.model_params(), q.state)) == {"bert.pooler.dense.bias"}
     x = data[0]
     with torch.no_grad():
         torch.testing.assert_close(pc.strip(q)(*x), q(*x), rtol=0, atol=1e-5)
