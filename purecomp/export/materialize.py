@@ -107,7 +107,9 @@ def materialize(
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _foldable_pair(copy_model: nn.Module, graph: ModelGraph, node: Any) -> tuple[nn.Module, nn.Module, Any] | None:
+def foldable_pair(copy_model: nn.Module, graph: ModelGraph, node: Any) -> tuple[nn.Module, nn.Module, Any] | None:
+    """``(layer, batchnorm, batchnorm's node)`` when ``node`` is a conv / linear whose output only
+    an eval-mode BatchNorm reads (what ``fold_batchnorms`` folds), else None."""
     if node.op not in BN_FOLDABLE_OPS or not node.scope:
         return None
     consumers = graph.consumers(TensorRef("node", node.site, 0))
@@ -132,7 +134,7 @@ def fold_batchnorms(copy_model: nn.Module, graph: ModelGraph, encoded: Mapping[s
     any other integer weight leaves its BatchNorm unfolded."""
     remap: dict[str, str] = {}
     for node in graph:
-        pair = _foldable_pair(copy_model, graph, node)
+        pair = foldable_pair(copy_model, graph, node)
         if pair is None:
             continue
         layer, bn, bn_node = pair

@@ -6,57 +6,106 @@ units, rounded: ``b_q = round(b / (s_x s_w))`` per output channel, with ``s_x`` 
 input quantizer's scale and ``s_w`` the weight quantizer's (QLinearConv's int32 bias; ONNX
 Runtime's ``WeightBiasQuantization`` rewrite of a float-bias QDQ Conv / Gemm). A linear on inputs
 of more rank is exported as MatMul + Add, whose float bias runtimes add after the integer
-matmul, so its bias is left as it is. Replacing each such
-bias by ``s_x s_w round(b / (s_x s_w))`` (float32, round half to even) makes the quantized
-forward compute what the integer kernels compute; a bias already on its grid is left as it is
-by that rounding, so the exported graph means the same in every runtime.
+matmul, so its bias is left as it is.
+
+Replacing each such bias by ``s_x s_w round(b / (s_x s_w))`` (float32, round half to even)
+makes the quantized forward compute what the integer kernels compute; a bias already on its
+grid is left as it is by that rounding, so the exported graph means the same in every runtime.
+A BatchNorm after the layer that the pipeline left unfolded is folded by the exporter (weight
+step ``s_w |a|``, bias ``a b + beta - a mu`` with ``a = gamma / sqrt(var + eps)``); its ``beta``
+then takes the rounding, so that the exported bias lands on ``s_x s_w |a|``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from purecomp.graph import ModelGraph
+from purecomp.export.materialize import foldable_pair
+from purecomp.graph import ModelGraph, TensorRef
+from purecomp.op_kinds import SHAPE_OPS
 
-from .bias_correction import correctable_layers
+from .bias_correction import CORRECTED_OPS
 from .chain_state import quantization_state
 
 
-def int32_bias_steps(graph: ModelGraph, params: Mapping[str, Tensor], state: Any) -> dict[str, Tensor]:
-    """``{bias name: s_x s_w}`` (float32, one step per output channel) for each conv, and each
-    linear on 2-D inputs (ONNX ``Gemm``), with a quantized weight and a bias whose data input goes
-    through exactly one per-tensor activation quantizer (at ``<site>:in0`` or at its producer)."""
-    q_state = quantization_state(state)
-    weights = getattr(q_state, "weights", {})
+class BiasGrid(NamedTuple):
+    """The exported bias of a layer is ``param + offset`` and runs on the grid ``step`` (per
+    output channel)."""
+
+    step: Tensor
+    offset: Tensor
+
+
+def _through_shape_ops(graph: ModelGraph, ref: TensorRef) -> TensorRef | None:
+    """The tensor ``ref`` reshapes through one or more shape ops (flatten, view...), or None."""
+    walked = False
+    while ref.kind == "node" and graph.producer(ref) is not None and graph.producer(ref).op in SHAPE_OPS:
+        upstream = graph.producer(ref).inputs[0]
+        if upstream.kind not in ("node", "input"):
+            return None
+        ref, walked = upstream, True
+    return ref if walked else None
+
+
+def _input_step(graph: ModelGraph, node: Any, q_state: Any) -> Tensor | None:
+    """``s_x`` of the one per-tensor activation quantizer on ``node``'s data input: at
+    ``<site>:in0``, at its producer, or at a tensor it reaches through shape ops only (flatten
+    before a classifier; the exporter repeats that quantizer at the layer's input)."""
     activations = getattr(q_state, "activations", {})
     consumers_of = getattr(q_state, "consumers_of", lambda key: ())
-    steps: dict[str, Tensor] = {}
-    for site in correctable_layers(graph, params, weights):
-        node = graph.node(site)
+    inputs = [q for key, q in activations.items() if key == f"{node.site}:in0" or node.site in consumers_of(key)]
+    reshaped = _through_shape_ops(graph, node.inputs[0])
+    if not inputs and reshaped is not None and reshaped.key in activations:
+        inputs = [activations[reshaped.key]]
+    if len(inputs) != 1:
+        return None
+    s_x = inputs[0].integer_grid()[0].float()
+    return s_x.reshape(()) if s_x.numel() == 1 else None  # a per-group quantizer has no single grid
+
+
+def int32_bias_steps(graph: ModelGraph, params: Mapping[str, Tensor], state: Any) -> dict[str, BiasGrid]:
+    """``{bias parameter: BiasGrid}`` for the first call of each conv, and each linear on 2-D
+    inputs (ONNX ``Gemm``), with a quantized weight and one per-tensor input quantizer
+    (``_input_step``): its own bias with step ``s_x s_w``, or the ``beta`` of the BatchNorm the
+    exporter folds into it (module docstring)."""
+    q_state = quantization_state(state)
+    weights = getattr(q_state, "weights", {})
+    grids: dict[str, BiasGrid] = {}
+    for node in graph:
+        weight = f"{node.scope}.weight"
+        if node.op not in CORRECTED_OPS or node.index != 0 or not node.scope or weight not in weights:
+            continue
         if node.op == "linear" and len(node.input_info[0].shape) != 2:
-            continue  # exported as MatMul + Add: runtimes add its float bias after the integer matmul
-        inputs = [q for key, q in activations.items() if key == f"{site}:in0" or site in consumers_of(key)]
-        if len(inputs) != 1:
             continue
-        s_x = inputs[0].integer_grid()[0].float()
-        if s_x.numel() != 1:  # a per-group input quantizer has no single accumulator grid
+        s_x = _input_step(graph, node, q_state)
+        if s_x is None:
             continue
-        scope = site.rpartition("/")[0]
-        s_w = weights[f"{scope}.weight"].integer_grid()[0].float().reshape(-1)
-        steps[f"{scope}.bias"] = (s_x.reshape(()) * s_w).detach()
-    return steps
+        step = s_x * weights[weight].integer_grid()[0].float().reshape(-1).detach()
+        own = params.get(f"{node.scope}.bias")
+        pair = foldable_pair(graph.model, graph, node)
+        if pair is not None and f"{pair[2].scope}.bias" in params:
+            _, bn, bn_node = pair
+            with torch.no_grad():
+                a = bn.running_var.float().add(bn.eps).rsqrt()
+                a = a * bn.weight.float() if bn.weight is not None else a
+                offset = -bn.running_mean.float() * a + (own.float() * a if own is not None else 0.0)
+            if bool((a != 0).all()):
+                grids[f"{bn_node.scope}.bias"] = BiasGrid(step * a.abs(), offset.detach())
+        elif pair is None and own is not None:
+            grids[f"{node.scope}.bias"] = BiasGrid(step, torch.zeros_like(step))
+    return grids
 
 
-def biases_on_int32_grid(params: Mapping[str, Tensor], steps: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``params`` with each bias named in ``steps`` replaced by ``step * round(b / step)``
-    (float32, round half to even); the other entries are the same tensors."""
+def biases_on_int32_grid(params: Mapping[str, Tensor], grids: Mapping[str, BiasGrid]) -> dict[str, Tensor]:
+    """``params`` with each parameter ``p`` named in ``grids`` replaced by
+    ``step round((p + offset) / step) - offset`` (float32, round half to even); the other entries
+    are the same tensors."""
     out = dict(params)
-    for name, step in steps.items():
-        bias = params[name]
-        on_grid = torch.round(bias.detach().float() / step) * step
-        out[name] = on_grid.to(bias.dtype)
+    for name, (step, offset) in grids.items():
+        p = params[name].detach().float()
+        out[name] = (torch.round((p + offset) / step) * step - offset).to(params[name].dtype)
     return out

@@ -242,10 +242,10 @@ def quantize(
                     uncorrected[name] = p.detach().clone()
                     p.copy_(corrected[name])
     if options.int32_bias:
-        steps = int32_bias_steps(graph, params, state)
-        snapped = biases_on_int32_grid(params, steps)
+        grids = int32_bias_steps(graph, params, state)
+        snapped = biases_on_int32_grid(params, grids)
         with torch.no_grad():
-            for name in steps:
+            for name in grids:
                 uncorrected.setdefault(name, params[name].detach().clone())
                 params[name].copy_(snapped[name])
     module = CompressedModule(work, method)

@@ -284,14 +284,32 @@ def _resnet18_logits_quantized(int32_bias: bool, data: list[torch.Tensor]) -> pc
 def test_int32_bias_puts_each_quantized_layers_bias_on_its_accumulator_grid():
     data = calibration(4)
     snapped, kept = _resnet18_logits_quantized(True, data), _resnet18_logits_quantized(False, data)
-    steps = int32_bias_steps(snapped.graph, snapped.model_params(), snapped.state)
-    assert len(steps) == 21  # 20 convs (their BatchNorms folded in) and fc
-    for name, step in steps.items():
+    grids = int32_bias_steps(snapped.graph, snapped.model_params(), snapped.state)
+    assert len(grids) == 21  # 20 convs (their BatchNorms folded in) and fc
+    for name, (step, offset) in grids.items():
         bias, float_bias = snapped.model_params()[name].detach(), kept.model_params()[name].detach()
+        assert not offset.any()
         assert torch.equal(torch.round(bias / step) * step, bias)  # on the grid: rounding again keeps it
         assert float((bias - float_bias).abs().max() / step.max()) <= 0.5 + 1e-3  # moved by at most half a step
         torch.testing.assert_close(snapped.float_values[name], kept.float_values[name])  # back in float: uncorrected
-    assert any(not torch.equal(snapped.model_params()[n], kept.model_params()[n]) for n in steps)
+    assert any(not torch.equal(snapped.model_params()[n], kept.model_params()[n]) for n in grids)
+
+
+def test_int32_bias_reaches_a_batchnorm_the_exporter_folds():
+    """Without BatchNorm folding in ``quantize`` the exporter folds each BatchNorm into its conv
+    (bias ``a b + beta - a mu``, weight step ``s_w |a|``); ``beta`` takes the rounding so that this
+    exported bias lands on ``s_x s_w |a|``."""
+    torch.manual_seed(0)
+    model = _with_statistics(torchvision.models.resnet18(weights=None, num_classes=10))
+    q = pc.quantize(model, pc.Dataset(calibration(2)), subset_size=16,
+                    advanced_parameters=dict(batchnorm_folding=False, disable_bias_correction=True))
+    grids = int32_bias_steps(q.graph, q.model_params(), q.state)
+    assert "bn1.bias" in grids and "layer1.0.bn2.bias" in grids and "fc.bias" in grids
+    stripped = pc.strip(q)  # the exported form: BatchNorm folded into the conv
+    for bn, conv in (("bn1", "conv1"), ("layer1.0.bn2", "layer1.0.conv2")):
+        units = stripped.model.get_submodule(conv).bias.detach() / grids[f"{bn}.bias"].step
+        torch.testing.assert_close(units, torch.round(units), rtol=0, atol=1e-2)
+        assert not torch.equal(q.model_params()[f"{bn}.bias"], model.state_dict()[f"{bn}.bias"])
 
 
 @pytest.mark.slow
