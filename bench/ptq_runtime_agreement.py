@@ -3,10 +3,11 @@
     python bench/ptq_runtime_agreement.py [--dataset mnist|digits] [--seed 0]
 
 Trains the MobileNet-style CNN of ``examples/ptq_cnn.py`` (same data, seed and recipe), quantizes
-it and its badly scaled copy with ``pc.quantize`` three times (float biases and a step per
-quantizer, as before both options existed; ``int32_bias`` alone; the defaults, which add
-``unify_residual_scales``), exports each, and counts the test images each runtime configuration
-predicts differently from PyTorch:
+it and its badly scaled copy with ``pc.quantize`` four times (float biases, a step per quantizer
+and float32 steps, as before the three options existed; then adding ``int32_bias``,
+``unify_residual_scales`` and ``activation_step_bits=16`` in turn: the last is the defaults),
+exports each, and counts the test images each runtime configuration predicts differently from
+PyTorch:
 
 - ONNX Runtime without graph optimizations (the QDQ graph as written: the export's reference
   semantics), with all of them (what the examples run: integer kernels), and with all but
@@ -22,7 +23,9 @@ predicts differently from PyTorch:
   input (``DYNAMIC_QUANTIZATION_GROUP_SIZE`` 0). With low-precision transformations on, OpenVINO
   fuses conv -> quantize -> add -> quantize into one convolution that skips the first quantizer's
   rounding (``Convolution::setPostOps`` in its CPU plugin); ``unify_residual_scales`` gives those
-  quantizers one step, where the skipped rounding cannot change the sum.
+  quantizers one step, where the skipped rounding cannot change the sum. OpenVINO quantizes over a
+  FakeQuantize range ``[ql s, qh s]`` rather than by ``x / s``; ``activation_step_bits=16`` makes
+  that range exact in float32 (digits pixels 8/16 sit on a tie of the step fl(1/255)).
 """
 
 from __future__ import annotations
@@ -87,16 +90,18 @@ def main() -> None:
     y = torch.cat([b[1] for b in test]).numpy()
     folder = Path(tempfile.mkdtemp(prefix="ptq_runtimes_"))
     level = ort.GraphOptimizationLevel
-    variants = {"int32_bias=False, unify_residual_scales=False (float biases, a step per quantizer)": (False, False),
-                "int32_bias=True, unify_residual_scales=False": (True, False),
-                "int32_bias=True, unify_residual_scales=True (the defaults)": (True, True)}
+    variants = {"before: float biases, a step per quantizer, float32 steps": (False, False, None),
+                "int32_bias": (True, False, None),
+                "int32_bias + unify_residual_scales": (True, True, None),
+                "the defaults: int32_bias + unify_residual_scales + activation_step_bits=16": (True, True, 16)}
     for variant, net in (("plain", model), ("badly scaled", badly_scaled(model, args.seed))):
-        for title, (int32_bias, unify) in variants.items():
+        for title, (int32_bias, unify, bits) in variants.items():
+            options = dict(int32_bias=int32_bias, unify_residual_scales=unify, activation_step_bits=bits)
             quantized = pc.quantize(net, pc.Dataset(loader(train_set, 32, True, args.seed + 1), lambda b: b[0]),
-                                    advanced_parameters=dict(int32_bias=int32_bias, unify_residual_scales=unify))
+                                    advanced_parameters=options)
             with torch.no_grad():
                 reference = quantized(x).numpy()
-            path = pc.export_quantized(quantized, (x[:1],), folder / f"{variant[0]}_{int32_bias}_{unify}.onnx")
+            path = pc.export_quantized(quantized, (x[:1],), folder / f"{variant[0]}_{int32_bias}_{unify}_{bits}.onnx")
             print(f"\n{variant}, {title}: PyTorch {100 * (reference.argmax(1) == y).mean():.2f}%")
             runs = {"ORT, no graph optimizations": lambda p: ort_logits(p, x, level.ORT_DISABLE_ALL, []),
                     "ORT, all optimizations": lambda p: ort_logits(p, x, level.ORT_ENABLE_ALL, []),

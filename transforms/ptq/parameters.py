@@ -106,7 +106,10 @@ class AdvancedQuantizationParameters:
     ``unify_residual_scales`` (on by default; not an NNCF option): the symmetric activation
     quantizers on a residual add's inputs and output share the largest of their steps, so a
     runtime that skips one input's rounding (OpenVINO's CPU plugin) computes the same sum
-    (``purecomp.transforms.ptq.residual_scales``)."""
+    (``purecomp.transforms.ptq.residual_scales``). ``activation_step_bits`` (16 by default; ``None``
+    keeps float32's 24; not an NNCF option): each symmetric activation step rounded up to this
+    many significant bits, so that OpenVINO's range-based FakeQuantize rounds as ``round(x / s)``
+    does (``purecomp.transforms.ptq.activation_steps``)."""
 
     weights_range_estimator: str = "min_max"
     weights_per_channel: bool = True
@@ -126,6 +129,7 @@ class AdvancedQuantizationParameters:
     adaround: Any = None
     int32_bias: bool = True
     unify_residual_scales: bool = True
+    activation_step_bits: int | None = 16
 
     def __post_init__(self) -> None:
         quantization_params(self.weights_quantization_params, "advanced_parameters.weights_quantization_params")
@@ -159,6 +163,10 @@ class AdvancedQuantizationParameters:
             if field.type in ("bool", bool) and not isinstance(getattr(self, field.name), bool):
                 raise ConfigError(f"advanced_parameters.{field.name}",
                                   f"expected true or false, got {getattr(self, field.name)!r}")
+        bits = self.activation_step_bits
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 24):
+            raise ConfigError("advanced_parameters.activation_step_bits",
+                              f"expected significant bits from 1 to 24 or None, got {bits!r}")
         low, high = self.activations_percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError("advanced_parameters.activations_percentiles",

@@ -4,7 +4,8 @@ On a copy of the model, in order: BatchNorm folding, cross-layer equalization wi
 absorption (opt-in), range estimation on ``subset_size`` calibration samples (weights
 symmetric per channel; activations per tensor, symmetric for the ``performance`` preset,
 asymmetric for ``mixed``), MSE-optimal clipping (opt-in), one step for the quantizers around each
-residual add (``unify_residual_scales``), AdaRound (opt-in), fast or full
+residual add (``unify_residual_scales``), activation steps with 16 significant bits
+(``activation_step_bits``), AdaRound (opt-in), fast or full
 bias correction, then each quantized layer's bias put on its int32 accumulator grid ``s_x s_w``
 (``int32_bias``: what integer kernels add).
 With ``model_type="transformer"`` BatchNorm folding is skipped and SmoothQuant runs before
@@ -38,6 +39,7 @@ from purecomp.integrations.hf_compress import TRANSFORMER_TARGET_SCOPES, use_eag
 from purecomp.transforms.quantize import RangeInit, quantization
 from purecomp.transforms.smooth_quant import smooth_quant
 
+from .activation_steps import with_short_activation_steps
 from .bias_correction import CORRECTED_OPS, bias_correction, correctable_layers
 from .chain_state import map_quantization, quantization_state, without_quantization
 from .dataset import Dataset, model_inputs
@@ -213,6 +215,8 @@ def quantize(
     if options.unify_residual_scales:
         state, groups = unify_residual_scales(graph, state)
         log.info("residual adds: %d groups of activation quantizers on one step", len(groups))
+    if options.activation_step_bits is not None:
+        state = with_short_activation_steps(state, options.activation_step_bits)
     uncorrected: dict[str, Tensor] = {}  # weights before AdaRound, biases before bias correction
     if options.adaround not in (None, False):
         from purecomp.transforms.adaround import adaround_weights
