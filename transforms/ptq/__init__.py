@@ -1,6 +1,6 @@
 """Post-training quantization: ``quantize`` in one call, its dataset and options, and the
 algorithms it runs (BatchNorm folding, cross-layer equalization, bias correction, MSE ranges,
-one step around residual adds, int32 biases), each usable on its own."""
+one step around residual adds, short activation steps, int32 biases), each usable on its own."""
 
 from .accuracy_control import (
     AccuracyControlReport,
@@ -8,6 +8,7 @@ from .accuracy_control import (
     quantize_with_accuracy_control,
     rank_layers,
 )
+from .activation_steps import short_steps, with_short_activation_steps
 from .bias_correction import bias_correction, correctable_layers
 from .dataset import Dataset
 from .equalization import (
@@ -50,7 +51,9 @@ __all__ = [
     "residual_groups",
     "SensitivityReport",
     "sensitivity",
+    "short_steps",
     "sqnr",
     "strip",
     "unify_residual_scales",
+    "with_short_activation_steps",
 ]
