@@ -96,12 +96,21 @@ def _layer_sums(y: Tensor, kind: str) -> tuple[Tensor, int]:
     return y.sum(dim=dims).double(), y.numel() // y.shape[channel]
 
 
+def _batch_sum(x: Tensor, kind: str) -> Tensor:
+    """``x`` summed over its samples (a conv's batch axis; every axis but a linear's last) into
+    one sample. A conv / linear ``f`` with bias ``b`` gives ``sum_i f(x_i) = f(sum_i x_i) + (n - 1) b``
+    at each output position, and the ``b`` cancels in the difference of two such calls."""
+    return x.reshape(-1, x.shape[-1]).sum(0, keepdim=True) if kind == "linear" else x.sum(0, keepdim=True)
+
+
 def _local_shifts(
     model: nn.Module, params: Mapping[str, Tensor], quantized: Mapping[str, Tensor], sites: Mapping[str, Any],
     state: Any, layers: Sequence[str], batches: Sequence[tuple[tuple, dict]],
 ) -> dict[str, Tensor]:
     """One pass of the float model: per layer site, the per-channel mean of ``y - y_q``, its float
-    output minus the same call with its weight quantized and its input through ``input_quantizers``."""
+    output minus the same call with its weight quantized and its input through ``input_quantizers``.
+    Both calls run on the batch summed into one sample (``_batch_sum``): the sum over samples and
+    positions of ``y - y_q`` is that of ``f(sum x) - f_q(sum x_q)``, at a batch's fraction of the cost."""
     wanted = set(layers)
     inputs = {site: input_quantizers(site, sites, state) for site in layers}
     sums: dict[str, Tensor] = {}
@@ -114,11 +123,20 @@ def _local_shifts(
         leaves, spec = optree.tree_flatten((args, kwargs))
         data = next(i for i, leaf in enumerate(leaves)
                     if isinstance(leaf, Tensor) and leaf is not weight and leaf is not bias)
+        x = x_q = leaves[data]
         for fn in inputs[site]:
-            leaves[data] = fn(leaves[data])
-        leaves = [quantized[f"{scope}.weight"] if leaf is weight else leaf for leaf in leaves]
-        q_args, q_kwargs = optree.tree_unflatten(spec, leaves)
-        total, n = _layer_sums(out - LAYER_FUNCTIONS[kind](*q_args, **q_kwargs), kind)
+            x_q = fn(x_q)
+        q_leaves = [quantized[f"{scope}.weight"] if leaf is weight else leaf for leaf in leaves]
+        batched = kind == "linear" or x.dim() == int(kind[4]) + 2
+        if batched:  # the layer is linear in its input: sum the batch first, run one sample
+            leaves[data], q_leaves[data] = _batch_sum(x, kind), _batch_sum(x_q, kind)
+            float_args, float_kwargs = optree.tree_unflatten(spec, leaves)
+            difference = LAYER_FUNCTIONS[kind](*float_args, **float_kwargs)
+        else:
+            q_leaves[data], difference = x_q, out
+        q_args, q_kwargs = optree.tree_unflatten(spec, q_leaves)
+        total, _ = _layer_sums(difference - LAYER_FUNCTIONS[kind](*q_args, **q_kwargs), kind)
+        n = _layer_sums(out, kind)[1]
         sums[site] = sums[site] + total if site in sums else total
         counts[site] = counts.get(site, 0) + n
 
