@@ -141,12 +141,15 @@ def rebuilt(module: CompressedModule, state: Any) -> CompressedModule:
 
 @contextlib.contextmanager
 def float_biases(module: CompressedModule, layers: Iterable[str], keep: bool = False) -> Iterator[None]:
-    """The biases of ``layers`` set back to their values before bias correction, and their weights
-    to theirs before AdaRound (the ``float_values`` ``quantize`` records), in place; put back on
-    exit unless ``keep``."""
+    """The biases of ``layers`` set back to their values before bias correction and int32 rounding
+    (or the ``beta`` of the BatchNorm that holds a layer's bias, ``moved_biases``), and their
+    weights to theirs before AdaRound (the ``float_values`` ``quantize`` records), in place; put
+    back on exit unless ``keep``."""
     uncorrected = getattr(module, "float_values", {})
+    moved = getattr(module, "moved_biases", {})  # a layer's bias held by the BatchNorm after it
     params = dict(module.model.named_parameters())
-    names = [f"{layer}.{kind}" for layer in layers for kind in ("bias", "weight") if f"{layer}.{kind}" in uncorrected]
+    names = [name for layer in layers for name in (f"{layer}.bias", f"{layer}.weight", moved.get(layer))
+             if name in uncorrected]
     saved = {name: params[name].detach().clone() for name in names}
     with torch.no_grad():
         for name in names:

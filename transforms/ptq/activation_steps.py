@@ -15,6 +15,7 @@ less than ``2^(1 - b)`` of itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from torch import Tensor
 from purecomp.transforms.quantize import SymmetricQuantizer
 
 from .chain_state import map_quantization, quantization_state
+
+log = logging.getLogger(__name__)
 
 
 def short_steps(step: Tensor, bits: int) -> Tensor:
@@ -36,10 +39,14 @@ def with_short_activation_steps(state: Any, bits: int) -> Any:
     rounded up to ``bits`` significant bits (``short_steps``; module docstring). Asymmetric
     quantizers are left as they are."""
     activations = dict(quantization_state(state).activations)
+    skipped: list[str] = []
     for key, q in activations.items():
         if type(q) is not SymmetricQuantizer:
+            skipped.append(key)
             continue
         qh = q.levels[1]
         scale = (short_steps(q.integer_grid()[0], bits) * qh).to(q.scale.dtype).reshape(q.scale.shape)
         activations[key] = dataclasses.replace(q, scale=scale.requires_grad_(q.scale.requires_grad))
+    if skipped:
+        log.info("activation steps kept (not linear symmetric quantizers): %s", ", ".join(skipped))
     return map_quantization(state, lambda q: dataclasses.replace(q, activations=activations))

@@ -13,7 +13,8 @@ makes the quantized forward compute what the integer kernels compute; a bias alr
 grid is left as it is by that rounding, so the exported graph means the same in every runtime.
 A BatchNorm after the layer that the pipeline left unfolded is folded by the exporter (weight
 step ``s_w |a|``, bias ``a b + beta - a mu`` with ``a = gamma / sqrt(var + eps)``); its ``beta``
-then takes the rounding, so that the exported bias lands on ``s_x s_w |a|``.
+then takes the rounding, so that the exported bias lands on ``s_x s_w |a|`` (a BatchNorm without
+``beta``, or with ``a = 0`` somewhere, is left as it is).
 """
 
 from __future__ import annotations
@@ -25,78 +26,80 @@ import torch
 from torch import Tensor
 
 from purecomp.export.materialize import foldable_pair
-from purecomp.graph import ModelGraph, TensorRef
-from purecomp.op_kinds import SHAPE_OPS
+from purecomp.graph import ModelGraph
 
 from .bias_correction import CORRECTED_OPS
 from .chain_state import quantization_state
 
 
 class BiasGrid(NamedTuple):
-    """The exported bias of a layer is ``param + offset`` and runs on the grid ``step`` (per
-    output channel)."""
+    """The exported bias of conv / linear ``layer`` is ``param + offset`` and runs on the grid
+    ``step`` (per output channel)."""
 
     step: Tensor
     offset: Tensor
-
-
-def _through_shape_ops(graph: ModelGraph, ref: TensorRef) -> TensorRef | None:
-    """The tensor ``ref`` reshapes through one or more shape ops (flatten, view...), or None."""
-    walked = False
-    while ref.kind == "node" and graph.producer(ref) is not None and graph.producer(ref).op in SHAPE_OPS:
-        upstream = graph.producer(ref).inputs[0]
-        if upstream.kind not in ("node", "input"):
-            return None
-        ref, walked = upstream, True
-    return ref if walked else None
+    layer: str
 
 
 def _input_step(graph: ModelGraph, node: Any, q_state: Any) -> Tensor | None:
     """``s_x`` of the one per-tensor activation quantizer on ``node``'s data input: at
-    ``<site>:in0``, at its producer, or at a tensor it reaches through shape ops only (flatten
-    before a classifier; the exporter repeats that quantizer at the layer's input)."""
+    ``<site>:in0`` or at a tensor whose consumers include ``node`` (placement lists a classifier
+    behind a flatten there, and the exporter repeats the quantizer at its input)."""
     activations = getattr(q_state, "activations", {})
     consumers_of = getattr(q_state, "consumers_of", lambda key: ())
     inputs = [q for key, q in activations.items() if key == f"{node.site}:in0" or node.site in consumers_of(key)]
-    reshaped = _through_shape_ops(graph, node.inputs[0])
-    if not inputs and reshaped is not None and reshaped.key in activations:
-        inputs = [activations[reshaped.key]]
     if len(inputs) != 1:
         return None
     s_x = inputs[0].integer_grid()[0].float()
     return s_x.reshape(()) if s_x.numel() == 1 else None  # a per-group quantizer has no single grid
 
 
+def _exporter_folds(quantizer: Any, weight: Tensor) -> bool:
+    """Whether the exporter folds a BatchNorm into a layer with this weight quantizer
+    (``fold_batchnorms``: symmetric integers, none of them -128)."""
+    if getattr(quantizer, "mode", None) != "symmetric":
+        return False
+    scale, _, ql, qh = quantizer.integer_grid()
+    if ql > -128:
+        return True
+    shape = [-1] + [1] * (weight.dim() - 1)
+    ints = torch.clamp(torch.round(weight.detach().float() / scale.reshape(shape)), ql, qh)
+    return not bool((ints == -128).any())
+
+
 def int32_bias_steps(graph: ModelGraph, params: Mapping[str, Tensor], state: Any) -> dict[str, BiasGrid]:
-    """``{bias parameter: BiasGrid}`` for the first call of each conv, and each linear on 2-D
-    inputs (ONNX ``Gemm``), with a quantized weight and one per-tensor input quantizer
+    """``{bias parameter: BiasGrid}`` for each conv, and each linear on 2-D inputs (ONNX
+    ``Gemm``), called once, with a quantized weight and one per-tensor input quantizer
     (``_input_step``): its own bias with step ``s_x s_w``, or the ``beta`` of the BatchNorm the
-    exporter folds into it (module docstring)."""
+    exporter folds into it, with step ``s_x (s_w |a|)`` (module docstring). A layer called more
+    than once is skipped: its calls may have different ``s_x``."""
     q_state = quantization_state(state)
     weights = getattr(q_state, "weights", {})
+    called_again = {node.scope for node in graph if node.index > 0}
     grids: dict[str, BiasGrid] = {}
     for node in graph:
         weight = f"{node.scope}.weight"
-        if node.op not in CORRECTED_OPS or node.index != 0 or not node.scope or weight not in weights:
+        if (node.op not in CORRECTED_OPS or node.index != 0 or not node.scope or weight not in weights
+                or node.scope in called_again):
             continue
         if node.op == "linear" and len(node.input_info[0].shape) != 2:
             continue
         s_x = _input_step(graph, node, q_state)
         if s_x is None:
             continue
-        step = s_x * weights[weight].integer_grid()[0].float().reshape(-1).detach()
+        s_w = weights[weight].integer_grid()[0].float().reshape(-1).detach()
         own = params.get(f"{node.scope}.bias")
         pair = foldable_pair(graph.model, graph, node)
-        if pair is not None and f"{pair[2].scope}.bias" in params:
+        if pair is not None and _exporter_folds(weights[weight], params[weight]):
             _, bn, bn_node = pair
             with torch.no_grad():
                 a = bn.running_var.float().add(bn.eps).rsqrt()
                 a = a * bn.weight.float() if bn.weight is not None else a
                 offset = -bn.running_mean.float() * a + (own.float() * a if own is not None else 0.0)
-            if bool((a != 0).all()):
-                grids[f"{bn_node.scope}.bias"] = BiasGrid(step * a.abs(), offset.detach())
-        elif pair is None and own is not None:
-            grids[f"{node.scope}.bias"] = BiasGrid(step, torch.zeros_like(step))
+            if f"{bn_node.scope}.bias" in params and bool((a != 0).all()):
+                grids[f"{bn_node.scope}.bias"] = BiasGrid(s_x * (s_w * a.abs()), offset.detach(), node.scope)
+        elif own is not None:
+            grids[f"{node.scope}.bias"] = BiasGrid(s_x * s_w, torch.zeros_like(s_w), node.scope)
     return grids
 
 
@@ -105,7 +108,7 @@ def biases_on_int32_grid(params: Mapping[str, Tensor], grids: Mapping[str, BiasG
     ``step round((p + offset) / step) - offset`` (float32, round half to even); the other entries
     are the same tensors."""
     out = dict(params)
-    for name, (step, offset) in grids.items():
+    for name, (step, offset, _) in grids.items():
         p = params[name].detach().float()
         out[name] = (torch.round((p + offset) / step) * step - offset).to(params[name].dtype)
     return out

@@ -245,8 +245,10 @@ def quantize(
                 if name not in rounded_weights and corrected[name] is not reference[name]:
                     uncorrected[name] = p.detach().clone()
                     p.copy_(corrected[name])
+    moved_biases: dict[str, str] = {}  # layer -> the BatchNorm beta that holds its bias
     if options.int32_bias:
         grids = int32_bias_steps(graph, params, state)
+        moved_biases = {grid.layer: name for name, grid in grids.items() if name != f"{grid.layer}.bias"}
         snapped = biases_on_int32_grid(params, grids)
         with torch.no_grad():
             for name in grids:
@@ -256,6 +258,7 @@ def quantize(
     module.set_state(state)
     module.graph = graph
     module.float_values = uncorrected  # what a layer returned to float needs (accuracy control)
+    module.moved_biases = moved_biases
     module.adaround_report = report if options.adaround not in (None, False) else None
     return module.eval()
 

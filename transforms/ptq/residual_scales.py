@@ -14,6 +14,7 @@ shrinks. The step per quantizer is ``(|scale| + eps) / qh``, so ``scale = s qh -
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,15 +23,19 @@ import torch
 from purecomp.graph import ModelGraph, TensorRef
 from purecomp.ops.reference import EPS
 from purecomp.transforms.quantize import SymmetricQuantizer
+from purecomp.transforms.quantize.placement import source_of
 
 from .chain_state import map_quantization, quantization_state
+
+log = logging.getLogger(__name__)
 
 RESIDUAL_OPS = frozenset({"add"})
 
 
 def _reading(graph_key: str | None, site: str, index: int, activations: Mapping[str, Any], consumers_of: Any) -> str | None:
     """The activation quantizer acting on input ``index`` of ``site``: at ``<site>:in<index>``, or
-    at the producer's tensor when ``site`` is one of its consumers."""
+    at ``graph_key``, the tensor placement quantizes for that input (``source_of``: upstream of
+    dropout, views and other ops that keep a grid), when ``site`` is one of its consumers."""
     own = f"{site}:in{index}"
     if own in activations:
         return own
@@ -56,8 +61,8 @@ def residual_groups(graph: ModelGraph, state: Any) -> list[list[str]]:
     for node in graph:
         if node.op not in RESIDUAL_OPS or len(node.inputs) != 2 or not all(i.is_float for i in node.input_info):
             continue
-        keys = [_reading(ref.key if ref.kind in ("input", "node") else None, node.site, i, activations, consumers_of)
-                for i, ref in enumerate(node.inputs)]
+        keys = [_reading(source_of(graph, ref).key if ref.kind in ("input", "node") else None, node.site, i,
+                         activations, consumers_of) for i, ref in enumerate(node.inputs)]
         out = TensorRef("node", node.site, 0)
         outputs = [out.key] if out.key in activations else []
         outputs += [f"{reader.site}:in{i}" for reader, i in graph.consumers(out) if f"{reader.site}:in{i}" in activations]
@@ -81,6 +86,8 @@ def unify_residual_scales(graph: ModelGraph, state: Any) -> tuple[Any, list[list
     for group in residual_groups(graph, state):
         members = [activations[k] for k in group]
         if not all(type(q) is SymmetricQuantizer and q.scale.numel() == 1 for q in members):
+            log.info("residual add quantizers %s left as they are: one step needs linear symmetric per-tensor "
+                     "quantizers, got %s", group, sorted({type(q).__name__ for q in members}))
             continue
         step = max(float(q.integer_grid()[0]) for q in members)
         for key, q in zip(group, members):

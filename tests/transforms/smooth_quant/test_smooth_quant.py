@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import purecomp as pc
-from purecomp.transforms.ptq import int32_bias_steps
 from purecomp.calibration import run_observers
 from purecomp.errors import ConfigError
+from purecomp.transforms.ptq import int32_bias_steps
 from purecomp.transforms.smooth_quant import SmoothQuantState, smoothing_scales
 from tests.models import tiny_bert
 
