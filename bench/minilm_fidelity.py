@@ -22,11 +22,13 @@ Reported on the evaluation set:
 - cosine(e_fp32(s), e_int8(s)) per sentence: mean and 5th percentile;
 - top-1 retrieval agreement: for each sentence i, ``argmax_{j != i} e(i) . e(j)`` computed once
   with FP32 embeddings and once with INT8 embeddings; the fraction of i where they are equal;
+- with ``--runtimes``, the same on the evaluation set for each variant's ONNX in ONNX Runtime and
+  OpenVINO, and how many sentences' nearest neighbour differs from PyTorch's INT8 run;
 - ONNX Runtime latency (batch 1, sequence 128): FP32 ONNX vs INT8 QDQ ONNX, alternated,
   medians after warm-up, and their ratio.
 
     python bench/minilm_fidelity.py [--num-eval N] [--num-calib N] [--split eval|dev]
-                                    [--variants ...] [--no-latency] [--no-fidelity] [--repeats N]
+                                    [--variants ...] [--no-latency] [--no-fidelity] [--runtimes] [--repeats N]
                                     [--threads N]
 """
 
@@ -166,14 +168,16 @@ def embed(run: Callable[..., Any], batches: Sequence[dict], what: str) -> torch.
     return torch.cat(out)
 
 
+def nearest_neighbours(e: torch.Tensor) -> torch.Tensor:
+    """``argmax_{j != i} e(i) . e(j)`` for every row i."""
+    sim = e @ e.T
+    sim.fill_diagonal_(float("-inf"))
+    return sim.argmax(dim=1)
+
+
 def retrieval_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of rows i whose nearest other row (max dot product, j != i) is the same under ``a`` and ``b``."""
-    def nearest(e: torch.Tensor) -> torch.Tensor:
-        sim = e @ e.T
-        sim.fill_diagonal_(float("-inf"))
-        return sim.argmax(dim=1)
-
-    return int((nearest(a) == nearest(b)).sum()) / a.shape[0]  # exact ratio (475 / 500 is 0.95, not 0.9499...)
+    return int((nearest_neighbours(a) == nearest_neighbours(b)).sum()) / a.shape[0]  # exact ratio (475 / 500 is 0.95, not 0.9499...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +257,86 @@ def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_nam
     return results
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeFidelity:
+    """One runtime's embeddings of an exported INT8 variant, against FP32 and against PyTorch's INT8."""
+
+    variant: str
+    runtime: str
+    num_eval: int
+    mean_cosine: float  # against FP32 (PyTorch)
+    top1_agreement: float  # against FP32
+    top1_differs_from_pytorch: int  # sentences whose nearest neighbour differs from PyTorch INT8's
+    min_cosine_to_pytorch: float  # cosine to PyTorch INT8's embedding, worst sentence
+    integer_ops: int | None  # QLinear* / *Integer ops in the graph ONNX Runtime runs
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def runtime_embeddings(path: Path, batches: Sequence[dict], what: str) -> dict[str, torch.Tensor]:
+    """Embeddings of ``batches`` from the ONNX file at ``path`` in ONNX Runtime (all graph optimizations)
+    and OpenVINO (CPU, f32 for the ops it does not run in int8)."""
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runners: dict[str, Callable[[Any, Any], Any]] = {
+        "ONNX Runtime": lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0],
+        "OpenVINO": lambda ids, mask: compiled([ids, mask])[0],
+    }
+    embeddings = {}
+    for runtime, call in runners.items():
+        out = []
+        for b in tqdm(batches, desc=f"{what} {runtime}", leave=False, disable=None):
+            hidden = np.asarray(call(b["input_ids"].numpy(), b["attention_mask"].numpy()))
+            out.append(mean_pool(torch.from_numpy(hidden), b["attention_mask"]))
+        embeddings[runtime] = torch.cat(out)
+    return embeddings
+
+
+def runtime_fidelity(num_eval: int | None = None, num_calib: int | None = 256, batch: int = 64,
+                     variants: Sequence[str] = tuple(PTQ_VARIANTS)) -> list[RuntimeFidelity]:
+    """Each variant exported to ONNX and run in ONNX Runtime (all graph optimizations) and OpenVINO
+    (CPU, ``INFERENCE_PRECISION_HINT=f32``) on the evaluation set, compared with the same run in PyTorch.
+
+    The export has a dynamic batch but a fixed sequence length, so every batch is padded to the
+    longest evaluation sentence; mean pooling over the attention mask makes the padding invisible
+    to the embeddings (up to float summation order)."""
+    sets = split(stdlib_sentences())
+    evaluation = sets["eval"][:num_eval]
+    model, tokenizer = load_minilm()
+    length = max(len(ids) for ids in tokenizer(list(evaluation))["input_ids"])
+    batches = [dict(tokenizer(list(evaluation[i:i + batch]), padding="max_length", max_length=length,
+                              return_tensors="pt"))
+               for i in range(0, len(evaluation), batch)]
+    fp32 = embed(model, batches, "FP32")
+    calib = tokenized(tokenizer, sets["calib"][:num_calib], 32)
+    results = []
+    for variant in variants:
+        run, export = quantized_runner(model, calib, variant)
+        pytorch = embed(run, batches, variant)
+        reference = nearest_neighbours(pytorch)
+        results.append(RuntimeFidelity(variant, "PyTorch", len(evaluation), float((fp32 * pytorch).sum(dim=1).mean()),
+                                       retrieval_agreement(fp32, pytorch), 0, 1.0, None))
+        with tempfile.TemporaryDirectory() as tmp:
+            first = (batches[0]["input_ids"], batches[0]["attention_mask"])
+            path = export(first, Path(tmp) / f"{variant}.onnx")
+            fused = pc.export.fused_op_counts(path)
+            integer = sum(n for op, n in fused.items() if op.startswith("QLinear") or "Integer" in op)
+            for runtime, e in runtime_embeddings(path, batches, variant).items():
+                results.append(RuntimeFidelity(
+                    variant, runtime, len(evaluation), float((fp32 * e).sum(dim=1).mean()),
+                    retrieval_agreement(fp32, e), int((nearest_neighbours(e) != reference).sum()),
+                    float((pytorch * e).sum(dim=1).min()), integer if runtime == "ONNX Runtime" else None))
+    return results
+
+
 def latency(num_calib: int = 256, repeats: int = 30, warmup: int = 5,
             variants: Sequence[str] = (DEFAULT_VARIANT,), threads: int = 0) -> list[dict[str, Any]]:
     """Median ms of FP32 ONNX vs each INT8 variant's ONNX in onnxruntime, batch 1, sequence 128.
@@ -313,6 +397,8 @@ def main() -> None:
     parser.add_argument("--split", default="eval", choices=["eval", "dev"])
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--no-fidelity", action="store_true")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="also run each variant's ONNX in ONNX Runtime and OpenVINO on the evaluation set")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     parser.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(ALL_VARIANTS))
@@ -322,6 +408,9 @@ def main() -> None:
     if not args.no_fidelity:
         for result in fidelity(args.num_eval, args.num_calib, args.split, variants=args.variants):
             print(json.dumps(result.as_dict()), flush=True)
+    if args.runtimes:
+        for row in runtime_fidelity(args.num_eval, args.num_calib, variants=args.variants):
+            print(json.dumps(row.as_dict()), flush=True)
     if not args.no_latency:
         for row in latency(args.num_calib, args.repeats, variants=args.variants, threads=args.threads):
             print(json.dumps(row), flush=True)
