@@ -22,8 +22,9 @@ Reported on the evaluation set:
 - cosine(e_fp32(s), e_int8(s)) per sentence: mean and 5th percentile;
 - top-1 retrieval agreement: for each sentence i, ``argmax_{j != i} e(i) . e(j)`` computed once
   with FP32 embeddings and once with INT8 embeddings; the fraction of i where they are equal;
-- with ``--runtimes``, the same on the evaluation set for each variant's ONNX in ONNX Runtime and
-  OpenVINO, and how many sentences' nearest neighbour differs from PyTorch's INT8 run;
+- with ``--runtimes``, the same for each variant's ONNX in ONNX Runtime and OpenVINO (and the
+  FP32 model's, as a control), and how many sentences' nearest neighbour differs from the same
+  variant's PyTorch run (``runtime_fidelity``);
 - ONNX Runtime latency (batch 1, sequence 128): FP32 ONNX vs INT8 QDQ ONNX, alternated,
   medians after warm-up, and their ratio.
 
@@ -35,6 +36,7 @@ Reported on the evaluation set:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -46,7 +48,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,81 +261,117 @@ def fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_nam
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeFidelity:
-    """One runtime's embeddings of an exported INT8 variant, against FP32 and against PyTorch's INT8."""
+    """One run of a variant (``fp32`` or INT8) against PyTorch's FP32 embeddings and against the same
+    variant's PyTorch run."""
 
     variant: str
     runtime: str
     num_eval: int
     mean_cosine: float  # against FP32 (PyTorch)
     top1_agreement: float  # against FP32
-    top1_differs_from_pytorch: int  # sentences whose nearest neighbour differs from PyTorch INT8's
-    min_cosine_to_pytorch: float  # cosine to PyTorch INT8's embedding, worst sentence
-    integer_ops: int | None  # QLinear* / *Integer ops in the graph ONNX Runtime runs
+    top1_differs_from_pytorch: int  # sentences whose nearest neighbour differs from the variant's PyTorch run
+    min_cosine_to_pytorch: float  # cosine to the variant's PyTorch embedding, worst sentence
+    integer_ops: int | None  # matmuls / convs the runtime runs on integers (None: not a runtime)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def runtime_embeddings(path: Path, batches: Sequence[dict], what: str) -> dict[str, torch.Tensor]:
-    """Embeddings of ``batches`` from the ONNX file at ``path`` in ONNX Runtime (all graph optimizations)
-    and OpenVINO (CPU, f32 for the ops it does not run in int8)."""
-    import numpy as np
+ORT_INTEGER_MATMULS = frozenset({"MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "QAttention",
+                                 "QLinearConv", "ConvInteger"})
+OPENVINO_INTEGER_LAYERS = frozenset({"FullyConnected", "MatMul", "Convolution"})
+
+
+def onnxruntime_runner(path: Path, optimized: bool) -> tuple[Callable[[Any, Any], Any], int]:
+    """``(run(ids, mask) -> last hidden state, integer matmuls in the graph it runs)``."""
     import onnxruntime as ort
-    import openvino as ov
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
+    ops = pc.export.fused_op_counts(path) if optimized else collections.Counter()
+    return (lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0],
+            sum(n for op, n in ops.items() if op in ORT_INTEGER_MATMULS))
+
+
+def openvino_runner(path: Path) -> tuple[Callable[[Any, Any], Any], int]:
+    """``(run(ids, mask) -> last hidden state, matmuls / convs OpenVINO's CPU plugin runs in u8 / i8)``; the
+    ops it does not run in int8 run in f32 (``INFERENCE_PRECISION_HINT``; the default is bf16 where the CPU
+    has it)."""
+    import openvino as ov
+
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    runners: dict[str, Callable[[Any, Any], Any]] = {
-        "ONNX Runtime": lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0],
-        "OpenVINO": lambda ids, mask: compiled([ids, mask])[0],
-    }
+    integer = 0
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        integer += (info["layerType"].astype(str) in OPENVINO_INTEGER_LAYERS
+                    and info["runtimePrecision"].astype(str) in ("u8", "i8"))
+    return (lambda ids, mask: compiled([ids, mask])[0]), integer
+
+
+def runtime_embeddings(path: Path, batches: Sequence[dict], what: str) -> dict[str, tuple[torch.Tensor, int]]:
+    """Runtime name -> (embeddings of ``batches`` from the ONNX file at ``path``, integer ops): ONNX Runtime
+    without and with graph optimizations (with: its integer kernels) and OpenVINO."""
+    import numpy as np
+
+    runners = {"ONNX Runtime, no graph optimizations": onnxruntime_runner(path, optimized=False),
+               "ONNX Runtime": onnxruntime_runner(path, optimized=True),
+               "OpenVINO": openvino_runner(path)}
     embeddings = {}
-    for runtime, call in runners.items():
+    for runtime, (call, integer) in runners.items():
         out = []
         for b in tqdm(batches, desc=f"{what} {runtime}", leave=False, disable=None):
             hidden = np.asarray(call(b["input_ids"].numpy(), b["attention_mask"].numpy()))
             out.append(mean_pool(torch.from_numpy(hidden), b["attention_mask"]))
-        embeddings[runtime] = torch.cat(out)
+        embeddings[runtime] = (torch.cat(out), integer)
     return embeddings
 
 
-def runtime_fidelity(num_eval: int | None = None, num_calib: int | None = 256, batch: int = 64,
-                     variants: Sequence[str] = tuple(PTQ_VARIANTS)) -> list[RuntimeFidelity]:
-    """Each variant exported to ONNX and run in ONNX Runtime (all graph optimizations) and OpenVINO
-    (CPU, ``INFERENCE_PRECISION_HINT=f32``) on the evaluation set, compared with the same run in PyTorch.
+def runtime_fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_name: str = "eval",
+                     batch: int = 64, variants: Sequence[str] = tuple(PTQ_VARIANTS)) -> list[RuntimeFidelity]:
+    """The FP32 model and each variant exported to ONNX and run in ONNX Runtime and OpenVINO on
+    ``split_name``, compared with the same model in PyTorch.
 
-    The export has a dynamic batch but a fixed sequence length, so every batch is padded to the
-    longest evaluation sentence; mean pooling over the attention mask makes the padding invisible
-    to the embeddings (up to float summation order)."""
+    Per INT8 variant the rows are: PyTorch (the quantized forward: the reference), PyTorch's
+    materialized module (``purecomp.strip``: the export's QDQ ops, ``round(x / s) + z``), ONNX
+    Runtime without graph optimizations (the exported graph as written), ONNX Runtime with all
+    of them (integer kernels) and OpenVINO (CPU). The ``fp32`` rows are the control: the float
+    model through the same export. The export has a dynamic batch but a fixed sequence length, so
+    every batch is padded to the longest sentence; mean pooling over the attention mask ignores the
+    padding."""
     sets = split(stdlib_sentences())
-    evaluation = sets["eval"][:num_eval]
+    evaluation = sets[split_name][:num_eval]
     model, tokenizer = load_minilm()
     length = max(len(ids) for ids in tokenizer(list(evaluation))["input_ids"])
     batches = [dict(tokenizer(list(evaluation[i:i + batch]), padding="max_length", max_length=length,
                               return_tensors="pt"))
                for i in range(0, len(evaluation), batch)]
+    first = (batches[0]["input_ids"], batches[0]["attention_mask"])
     fp32 = embed(model, batches, "FP32")
     calib = tokenized(tokenizer, sets["calib"][:num_calib], 32)
     results = []
+
+    def rows(variant: str, reference: torch.Tensor, runs: Mapping[str, tuple[torch.Tensor, int | None]]) -> None:
+        neighbours = nearest_neighbours(reference)
+        for runtime, (e, integer) in runs.items():
+            results.append(RuntimeFidelity(
+                variant, runtime, len(evaluation), float((fp32 * e).sum(dim=1).mean()), retrieval_agreement(fp32, e),
+                int((nearest_neighbours(e) != neighbours).sum()), float((reference * e).sum(dim=1).min()), integer))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pc.export.to_onnx(model, pc.identity(), dict(model.named_parameters()), (), first, Path(tmp) / "fp32.onnx")
+        rows("fp32", fp32, {"PyTorch": (fp32, None)} | runtime_embeddings(path, batches, "fp32"))
     for variant in variants:
         run, export = quantized_runner(model, calib, variant)
         pytorch = embed(run, batches, variant)
-        reference = nearest_neighbours(pytorch)
-        results.append(RuntimeFidelity(variant, "PyTorch", len(evaluation), float((fp32 * pytorch).sum(dim=1).mean()),
-                                       retrieval_agreement(fp32, pytorch), 0, 1.0, None))
+        runs: dict[str, tuple[torch.Tensor, int | None]] = {"PyTorch": (pytorch, None)}
+        if variant in PTQ_VARIANTS:  # run is pc.quantize's module
+            runs["PyTorch, materialized"] = (embed(pc.strip(run), batches, f"{variant} materialized"), None)
         with tempfile.TemporaryDirectory() as tmp:
-            first = (batches[0]["input_ids"], batches[0]["attention_mask"])
             path = export(first, Path(tmp) / f"{variant}.onnx")
-            fused = pc.export.fused_op_counts(path)
-            integer = sum(n for op, n in fused.items() if op.startswith("QLinear") or "Integer" in op)
-            for runtime, e in runtime_embeddings(path, batches, variant).items():
-                results.append(RuntimeFidelity(
-                    variant, runtime, len(evaluation), float((fp32 * e).sum(dim=1).mean()),
-                    retrieval_agreement(fp32, e), int((nearest_neighbours(e) != reference).sum()),
-                    float((pytorch * e).sum(dim=1).min()), integer if runtime == "ONNX Runtime" else None))
+            rows(variant, pytorch, runs | runtime_embeddings(path, batches, variant))
     return results
 
 
@@ -409,7 +447,7 @@ def main() -> None:
         for result in fidelity(args.num_eval, args.num_calib, args.split, variants=args.variants):
             print(json.dumps(result.as_dict()), flush=True)
     if args.runtimes:
-        for row in runtime_fidelity(args.num_eval, args.num_calib, variants=args.variants):
+        for row in runtime_fidelity(args.num_eval, args.num_calib, args.split, variants=args.variants):
             print(json.dumps(row.as_dict()), flush=True)
     if not args.no_latency:
         for row in latency(args.num_calib, args.repeats, variants=args.variants, threads=args.threads):

