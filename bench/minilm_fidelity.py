@@ -283,15 +283,17 @@ OPENVINO_INTEGER_LAYERS = frozenset({"FullyConnected", "MatMul", "Convolution"})
 
 
 def onnxruntime_runner(path: Path, optimized: bool) -> tuple[Callable[[Any, Any], Any], int]:
-    """``(run(ids, mask) -> last hidden state, integer matmuls in the graph it runs)``."""
-    import onnxruntime as ort
+    """``(run(ids, mask) -> last hidden state, integer matmuls in the graph it runs)``; the session writes the
+    graph it runs, which is where the integer ops are counted (one session, not a second one to count)."""
+    import onnx
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from purecomp.export.check import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        written = Path(tmp) / "as_run.onnx"
+        session = ort_session(path, optimized, written)
+        ops = collections.Counter(node.op_type for node in onnx.load(str(written)).graph.node)
     names = [i.name for i in session.get_inputs()]
-    ops = pc.export.fused_op_counts(path) if optimized else collections.Counter()
     return (lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0],
             sum(n for op, n in ops.items() if op in ORT_INTEGER_MATMULS))
 
@@ -311,7 +313,7 @@ def openvino_runner(path: Path) -> tuple[Callable[[Any, Any], Any], int]:
     return (lambda ids, mask: compiled([ids, mask])[0]), integer
 
 
-def runtime_embeddings(path: Path, batches: Sequence[dict], what: str) -> dict[str, tuple[torch.Tensor, int]]:
+def run_in_runtimes(path: Path, batches: Sequence[dict], what: str) -> dict[str, tuple[torch.Tensor, int]]:
     """Runtime name -> (embeddings of ``batches`` from the ONNX file at ``path``, integer ops): ONNX Runtime
     without and with graph optimizations (with: its integer kernels) and OpenVINO."""
     import numpy as np
@@ -319,14 +321,25 @@ def runtime_embeddings(path: Path, batches: Sequence[dict], what: str) -> dict[s
     runners = {"ONNX Runtime, no graph optimizations": onnxruntime_runner(path, optimized=False),
                "ONNX Runtime": onnxruntime_runner(path, optimized=True),
                "OpenVINO": openvino_runner(path)}
-    embeddings = {}
+    runs = {}
     for runtime, (call, integer) in runners.items():
         out = []
         for b in tqdm(batches, desc=f"{what} {runtime}", leave=False, disable=None):
             hidden = np.asarray(call(b["input_ids"].numpy(), b["attention_mask"].numpy()))
             out.append(mean_pool(torch.from_numpy(hidden), b["attention_mask"]))
-        embeddings[runtime] = (torch.cat(out), integer)
-    return embeddings
+        runs[runtime] = (torch.cat(out), integer)
+    return runs
+
+
+def compare_runs(variant: str, fp32: torch.Tensor, reference: torch.Tensor,
+                 runs: Mapping[str, tuple[torch.Tensor, int | None]]) -> list[RuntimeFidelity]:
+    """One row per run: its embeddings against ``fp32`` (PyTorch's FP32) and against ``reference`` (the
+    variant's PyTorch run)."""
+    neighbours = nearest_neighbours(reference)
+    return [RuntimeFidelity(variant, runtime, e.shape[0], float((fp32 * e).sum(dim=1).mean()),
+                            retrieval_agreement(fp32, e), int((nearest_neighbours(e) != neighbours).sum()),
+                            float((reference * e).sum(dim=1).min()), integer)
+            for runtime, (e, integer) in runs.items()]
 
 
 def runtime_fidelity(num_eval: int | None = None, num_calib: int | None = 256, split_name: str = "eval",
@@ -348,21 +361,13 @@ def runtime_fidelity(num_eval: int | None = None, num_calib: int | None = 256, s
     batches = [dict(tokenizer(list(evaluation[i:i + batch]), padding="max_length", max_length=length,
                               return_tensors="pt"))
                for i in range(0, len(evaluation), batch)]
-    first = (batches[0]["input_ids"], batches[0]["attention_mask"])
+    example = (batches[0]["input_ids"], batches[0]["attention_mask"])
     fp32 = embed(model, batches, "FP32")
     calib = tokenized(tokenizer, sets["calib"][:num_calib], 32)
-    results = []
-
-    def rows(variant: str, reference: torch.Tensor, runs: Mapping[str, tuple[torch.Tensor, int | None]]) -> None:
-        neighbours = nearest_neighbours(reference)
-        for runtime, (e, integer) in runs.items():
-            results.append(RuntimeFidelity(
-                variant, runtime, len(evaluation), float((fp32 * e).sum(dim=1).mean()), retrieval_agreement(fp32, e),
-                int((nearest_neighbours(e) != neighbours).sum()), float((reference * e).sum(dim=1).min()), integer))
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = pc.export.to_onnx(model, pc.identity(), dict(model.named_parameters()), (), first, Path(tmp) / "fp32.onnx")
-        rows("fp32", fp32, {"PyTorch": (fp32, None)} | runtime_embeddings(path, batches, "fp32"))
+        path = pc.export.to_onnx(model, pc.identity(), dict(model.named_parameters()), (), example,
+                                 Path(tmp) / "fp32.onnx")
+        results = compare_runs("fp32", fp32, fp32, {"PyTorch": (fp32, None)} | run_in_runtimes(path, batches, "fp32"))
     for variant in variants:
         run, export = quantized_runner(model, calib, variant)
         pytorch = embed(run, batches, variant)
@@ -370,8 +375,8 @@ def runtime_fidelity(num_eval: int | None = None, num_calib: int | None = 256, s
         if variant in PTQ_VARIANTS:  # run is pc.quantize's module
             runs["PyTorch, materialized"] = (embed(pc.strip(run), batches, f"{variant} materialized"), None)
         with tempfile.TemporaryDirectory() as tmp:
-            path = export(first, Path(tmp) / f"{variant}.onnx")
-            rows(variant, pytorch, runs | runtime_embeddings(path, batches, variant))
+            path = export(example, Path(tmp) / f"{variant}.onnx")
+            results += compare_runs(variant, fp32, pytorch, runs | run_in_runtimes(path, batches, variant))
     return results
 
 
